@@ -1,0 +1,218 @@
+//! The command line: parses flags into configuration overrides and runs the chosen role.
+
+use std::{io::BufRead, net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::{
+    config::{Config, LogFormat},
+    worker::model::{Role, Tier},
+};
+
+/// taskd: task API server, load balancer and supervisor in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "taskd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file [default: ./config.toml when present].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log format (overrides telemetry.log_format).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log level or filter, e.g. `debug` or `taskd=debug,sqlx=warn` (overrides telemetry.log_level).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API alone (default 0.0.0.0:3000); applies pending migrations first.
+    Worker(WorkerArgs),
+    /// Apply pending database migrations (creating the database when missing) and exit.
+    Migrate,
+    /// Manage users from the command line.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Print the effective configuration (secrets redacted); exit non-zero when it is invalid.
+    Config,
+    /// Load realistic demo or benchmark data: users with categories and tasks.
+    Seed(SeedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Port to listen on (overrides worker.port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Address to bind (overrides worker.host).
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Name reported in X-Served-By and logs [default: <hostname>:<port>].
+    #[arg(long)]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password comes from TASKD_PASSWORD or the first line of stdin.
+    Create {
+        /// Email address (unique).
+        #[arg(long)]
+        email: String,
+        /// Display name [default: the part of the email before @].
+        #[arg(long)]
+        name: Option<String>,
+        /// `user` or `admin`.
+        #[arg(long, default_value = "user", value_parser = parse_role)]
+        role: Role,
+        /// `free`, `pro` or `enterprise`.
+        #[arg(long, default_value = "free", value_parser = parse_tier)]
+        tier: Tier,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// Users to create (`seed-<n>@example.com`).
+    #[arg(long, default_value_t = 10)]
+    pub users: u32,
+    /// Tasks per user.
+    #[arg(long, default_value_t = 100)]
+    pub tasks_per_user: u32,
+    /// Password of every seeded user.
+    #[arg(long, default_value = "seed-password")]
+    pub password: String,
+}
+
+fn parse_role(raw: &str) -> Result<Role, String> {
+    Role::parse(raw).ok_or_else(|| format!("expected one of {}", Role::expected()))
+}
+
+fn parse_tier(raw: &str) -> Result<Tier, String> {
+    Tier::parse(raw).ok_or_else(|| format!("expected one of {}", Tier::expected()))
+}
+
+impl Cli {
+    /// The command-line flags as a configuration layer.
+    fn overrides(&self) -> Value {
+        let mut telemetry = serde_json::Map::new();
+        if let Some(format) = self.log_format {
+            telemetry.insert("log_format".into(), json!(format));
+        }
+        if let Some(level) = &self.log_level {
+            telemetry.insert("log_level".into(), json!(level));
+        }
+        let mut worker = serde_json::Map::new();
+        if let Command::Worker(args) = &self.command {
+            if let Some(port) = args.port {
+                worker.insert("port".into(), json!(port));
+            }
+            if let Some(host) = args.host {
+                worker.insert("host".into(), json!(host));
+            }
+            if let Some(id) = &args.instance_id {
+                worker.insert("instance_id".into(), json!(id));
+            }
+        }
+        json!({ "telemetry": telemetry, "worker": worker })
+    }
+}
+
+/// Runs the parsed command line; the process exit code says whether it worked.
+pub fn run(cli: Cli) -> ExitCode {
+    let config = match Config::load(cli.config.as_deref(), cli.overrides()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("taskd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Config = cli.command {
+        print!("{}", config.redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    crate::telemetry::init(&config.telemetry);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("taskd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Worker(_) => crate::worker::run(config).await,
+        Command::Migrate => {
+            crate::db::migrate(&config.database).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::User(UserCommand::Create {
+            email,
+            name,
+            role,
+            tier,
+        }) => create_user(&config, &email, name.as_deref(), role, tier).await,
+        Command::Seed(args) => crate::seed::run(&config, &args).await,
+        Command::Config => Ok(()),
+    }
+}
+
+async fn create_user(
+    config: &Config,
+    email: &str,
+    name: Option<&str>,
+    role: Role,
+    tier: Tier,
+) -> anyhow::Result<()> {
+    use crate::worker::{store, tokens::Passwords};
+    let password = match std::env::var("TASKD_PASSWORD") {
+        Ok(password) => password,
+        Err(_) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    let email = crate::worker::model::normalize_email(email)
+        .map_err(|e| anyhow::anyhow!("--email {}", e.message))?;
+    crate::worker::model::check_password("password", &password)
+        .map_err(|e| anyhow::anyhow!("the password {}", e.message))?;
+    let name = name.map_or_else(
+        || email.split('@').next().unwrap_or("user").to_owned(),
+        str::to_owned,
+    );
+    let name = crate::worker::model::check_name(&name)
+        .map_err(|e| anyhow::anyhow!("--name {}", e.message))?;
+    let db = crate::db::migrate(&config.database).await?;
+    let hash = Passwords::new(&config.auth)?
+        .hash(&password)
+        .await
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+    let user = store::users::create(&db, &email, &name, &hash, role, tier)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", serde_json::to_string_pretty(&user)?);
+    Ok(())
+}

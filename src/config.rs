@@ -1,0 +1,430 @@
+//! The typed configuration tree.
+//!
+//! Every value comes from one of four layers, later layers winning:
+//! built-in defaults < `config.toml` < environment < command-line flags.
+//! The environment layer understands `DATABASE_URL`, `REDIS_URL` and
+//! `TASKD_<SECTION>__<KEY>` (for example `TASKD_WORKER__PORT=3001`).
+//! Unknown keys and invalid values are rejected with a message naming the key,
+//! so a typo never silently falls back to a default.
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use bytesize::ByteSize;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be used. The message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong shape or an unknown key.
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parsed but is out of range.
+    #[error("invalid configuration: `{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration. Each section maps to a `[section]` table in `config.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL, the only durable store.
+    pub database: DatabaseConfig,
+    /// Redis, for state shared between workers that may be lost.
+    pub redis: RedisConfig,
+    /// Tokens and password hashing.
+    pub auth: AuthConfig,
+    /// The API process (`taskd worker`).
+    pub worker: WorkerConfig,
+    /// Logging.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Primary PostgreSQL URL; the database is created when missing.
+    /// Default `postgres://postgres@127.0.0.1:5432/taskd`; `DATABASE_URL` overrides it.
+    pub url: String,
+    /// Optional read replica used for listings and reads. Default: none (reads go to `url`).
+    pub read_url: Option<String>,
+    /// Connections per worker process. Default 10.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before answering 503. Default 3s.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Server-side limit on one statement, so a runaway query cannot pin a connection. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/taskd".into(),
+            read_url: None,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL. Default `redis://127.0.0.1:6379`;
+    /// `REDIS_URL` overrides it.
+    pub url: String,
+    /// Prefix of every key this deployment writes, so several deployments can share one Redis.
+    /// Default `taskd:`.
+    pub key_prefix: String,
+    /// Connections per worker process. Default 4.
+    pub pool_size: usize,
+    /// Upper bound on one Redis command; past it the request carries on without Redis. Default 250ms.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "taskd:".into(),
+            pool_size: 4,
+            command_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HMAC secret for access tokens (at least 32 bytes). Empty (default): one is generated once
+    /// and stored in PostgreSQL, so every worker shares it.
+    pub jwt_secret: String,
+    /// Lifetime of an access token. Default 15m.
+    #[serde(with = "humantime_serde")]
+    pub access_ttl: Duration,
+    /// Lifetime of a refresh token. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub refresh_ttl: Duration,
+    /// Argon2id memory cost in KiB. Default 19456 (19 MiB, the OWASP minimum).
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations. Default 2.
+    pub argon2_iterations: u32,
+    /// Password hashes computed at once per worker; bounds the memory a login burst takes.
+    /// Default 2.
+    pub max_concurrent_hashes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            max_concurrent_hashes: 2,
+        }
+    }
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address the API binds. Default `0.0.0.0`.
+    pub host: IpAddr,
+    /// Port the API binds. Default 3000.
+    pub port: u16,
+    /// Name reported in `X-Served-By` and logs. Default: `<hostname>:<port>`.
+    pub instance_id: Option<String>,
+    /// Longest a request may take before it is answered 503. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest request body accepted; larger ones get 413. Default 1MiB.
+    pub body_limit: ByteSize,
+    /// Peers whose `X-Forwarded-For` is believed when finding the client address.
+    /// Default loopback (`127.0.0.0/8`, `::1/128`).
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long in-flight requests may run after SIGTERM before the worker exits anyway. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 3000,
+            instance_id: None,
+            request_timeout: Duration::from_secs(30),
+            body_limit: ByteSize::mib(1),
+            trusted_proxies: vec![
+                "127.0.0.0/8".parse().expect("valid CIDR"),
+                "::1/128".parse().expect("valid CIDR"),
+            ],
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `pretty` (default) or `json`.
+    pub log_format: LogFormat,
+    /// A tracing filter: `info` (default), `debug`, or directives like `taskd=debug,sqlx=warn`.
+    pub log_level: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Pretty,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layers. `file` is the explicit `--config` path (which must exist); without it
+    /// `./config.toml` is read when present. `overrides` are the command-line flags, as a nested
+    /// JSON object (`{"worker": {"port": 3001}}`).
+    pub fn load(file: Option<&Path>, overrides: serde_json::Value) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError::Invalid {
+                        key: "--config",
+                        message: format!("file {} does not exist", path.display()),
+                    });
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => figment = figment.merge(Toml::file("config.toml")),
+        }
+        let config: Config = figment
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
+            // Only `SECTION__KEY` names: `TASKD_PASSWORD` (used by `user create`) is not config.
+            .merge(
+                Env::prefixed("TASKD_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks that the types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: message.into(),
+                })
+            }
+        }
+        check(
+            self.database.url.starts_with("postgres://")
+                || self.database.url.starts_with("postgresql://"),
+            "database.url",
+            "must be a postgres:// URL",
+        )?;
+        if let Some(read_url) = &self.database.read_url {
+            check(
+                read_url.starts_with("postgres://") || read_url.starts_with("postgresql://"),
+                "database.read_url",
+                "must be a postgres:// URL",
+            )?;
+        }
+        check(
+            self.database.max_connections >= 1,
+            "database.max_connections",
+            "must be at least 1",
+        )?;
+        check(
+            !self.database.acquire_timeout.is_zero(),
+            "database.acquire_timeout",
+            "must be greater than zero",
+        )?;
+        check(
+            fred::types::config::Config::from_url(&self.redis.url).is_ok(),
+            "redis.url",
+            "is not a valid redis://, redis-cluster:// or redis-sentinel:// URL",
+        )?;
+        check(
+            (1..=64).contains(&self.redis.pool_size),
+            "redis.pool_size",
+            "must be between 1 and 64",
+        )?;
+        check(
+            !self.redis.command_timeout.is_zero(),
+            "redis.command_timeout",
+            "must be greater than zero",
+        )?;
+        check(
+            self.auth.jwt_secret.is_empty() || self.auth.jwt_secret.len() >= 32,
+            "auth.jwt_secret",
+            "must be empty (generated) or at least 32 bytes",
+        )?;
+        check(
+            self.auth.access_ttl >= Duration::from_secs(1),
+            "auth.access_ttl",
+            "must be at least 1s",
+        )?;
+        check(
+            self.auth.refresh_ttl > self.auth.access_ttl,
+            "auth.refresh_ttl",
+            "must be longer than auth.access_ttl",
+        )?;
+        check(
+            self.auth.argon2_memory_kib >= 8,
+            "auth.argon2_memory_kib",
+            "must be at least 8",
+        )?;
+        check(
+            self.auth.argon2_iterations >= 1,
+            "auth.argon2_iterations",
+            "must be at least 1",
+        )?;
+        check(
+            self.auth.max_concurrent_hashes >= 1,
+            "auth.max_concurrent_hashes",
+            "must be at least 1",
+        )?;
+        check(
+            !self.worker.request_timeout.is_zero(),
+            "worker.request_timeout",
+            "must be greater than zero",
+        )?;
+        check(
+            self.worker.body_limit.as_u64() >= 1024,
+            "worker.body_limit",
+            "must be at least 1KiB",
+        )?;
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),
+            "telemetry.log_level",
+            "is not a valid level or filter directive",
+        )?;
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets replaced, for `taskd config`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = redact_url(&shown.database.url);
+        shown.database.read_url = shown.database.read_url.as_deref().map(redact_url);
+        shown.redis.url = redact_url(&shown.redis.url);
+        if !shown.auth.jwt_secret.is_empty() {
+            shown.auth.jwt_secret = "<redacted>".into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// The URL with its password replaced, for logs and `taskd config`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail fixes the closure signature
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn redacts_url_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:REDACTED@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "config.toml",
+                "[worker]\nport = 4000\nbody_limit = \"2MiB\"\n[auth]\naccess_ttl = \"5m\"\n",
+            )?;
+            jail.set_env("TASKD_WORKER__PORT", "4001");
+            jail.set_env("DATABASE_URL", "postgres://x@db/taskd");
+            jail.set_env("TASKD_PASSWORD", "not-a-config-key");
+            let config = Config::load(None, serde_json::json!({})).unwrap();
+            assert_eq!(config.worker.port, 4001);
+            assert_eq!(config.worker.body_limit, ByteSize::mib(2));
+            assert_eq!(config.auth.access_ttl, Duration::from_secs(300));
+            assert_eq!(config.database.url, "postgres://x@db/taskd");
+            let config = Config::load(None, serde_json::json!({"worker": {"port": 4002}})).unwrap();
+            assert_eq!(config.worker.port, 4002);
+
+            jail.set_env("TASKD_WORKER__PROT", "1");
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("prot"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("config.toml", "[database]\nacquire_timeout = \"soon\"\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("acquire_timeout"), "{err}");
+            jail.create_file("config.toml", "[redis]\npool_size = 0\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("redis.pool_size"), "{err}");
+            Ok(())
+        });
+    }
+}

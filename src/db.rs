@@ -1,0 +1,74 @@
+//! PostgreSQL connection pools and schema migrations, shared by every role that touches the
+//! database (`migrate`, `user create`, `worker`, and `serve` before it starts workers).
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use sqlx::{
+    ConnectOptions, Executor, PgPool,
+    migrate::{MigrateDatabase, Migrator},
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::{DatabaseConfig, redact_url as redacted};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool on `url` with the limits of `config`. Connections are opened lazily, so a worker
+/// starts (and reports itself not ready) while PostgreSQL is down.
+pub fn pool(config: &DatabaseConfig, url: &str) -> anyhow::Result<PgPool> {
+    let statement_timeout = config.statement_timeout.as_millis().to_string();
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("database URL {}", redacted(url)))?
+        .application_name("taskd")
+        .options([("statement_timeout", statement_timeout.as_str())])
+        .log_slow_statements(
+            tracing::log::LevelFilter::Warn,
+            std::time::Duration::from_secs(1),
+        )
+        .log_statements(tracing::log::LevelFilter::Trace);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.acquire_timeout)
+        .idle_timeout(std::time::Duration::from_secs(300))
+        .connect_lazy_with(options))
+}
+
+/// Creates the database named in `url` when it does not exist yet. Safe when several processes
+/// race to do it: losing the race is not an error.
+pub async fn create_if_missing(url: &str) -> anyhow::Result<()> {
+    let exists = sqlx::Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redacted(url)))?;
+    if exists {
+        return Ok(());
+    }
+    match sqlx::Postgres::create_database(url).await {
+        Ok(()) => {
+            tracing::info!(database = %redacted(url), "created database");
+            Ok(())
+        }
+        // 42P04 duplicate_database / 23505: another process created it first.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("creating database {}", redacted(url))),
+    }
+}
+
+/// Creates the database when missing and applies pending migrations. sqlx serialises concurrent
+/// migrators with an advisory lock, so workers starting together apply each migration once.
+pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    create_if_missing(&config.url).await?;
+    let pool = pool(config, &config.url)?;
+    pool.execute("SELECT 1")
+        .await
+        .with_context(|| format!("connecting to {}", redacted(&config.url)))?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying database migrations")?;
+    Ok(pool)
+}

@@ -1,0 +1,18 @@
+//! taskd: a task management REST API that is also its own load balancer and supervisor.
+//!
+//! # Layout
+//!
+//! - [`worker`]: the API process (`taskd worker`): axum handlers, PostgreSQL stores, Redis.
+//! - [`config`], [`telemetry`], [`shutdown`], [`db`]: the shared base every role stands on.
+//! - [`cli`]: the command line, dispatching to the roles.
+//! - [`seed`]: realistic bulk data for benchmarks and demos (`taskd seed`).
+//!
+//! The proxy and the supervisor (`taskd proxy`, `taskd serve`) arrive as their own modules.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod seed;
+pub mod shutdown;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,240 @@
+//! What wraps every request: request id, `X-Served-By`, the request timeout, metrics and one log
+//! line per request; plus the problem+json answers for unknown routes, wrong methods and panics.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
+
+use axum::{
+    extract::{ConnectInfo, MatchedPath, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use ipnet::IpNet;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+use super::{
+    AppState,
+    error::{ApiError, ErrorCause, REQUEST_ID, problem_response},
+};
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const X_SERVED_BY: &str = "x-served-by";
+
+/// The process-wide Prometheus recorder (installed once; tests build many apps in one process).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("http_request_duration_seconds".into()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ],
+                )
+                .expect("non-empty buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by a test harness): keep ours
+            // usable for rendering either way.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The request id to use: the caller's when it is a sane token, else a new UUID.
+fn request_id(headers: &HeaderMap) -> Arc<str> {
+    headers
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(Arc::from)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string().into())
+}
+
+/// The client address: the TCP peer, or, when the peer is a trusted proxy, the right-most
+/// `X-Forwarded-For` entry that is not itself a trusted proxy. A client can prepend anything to
+/// the header, but never the entries that trusted proxies append.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let entries = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for entry in entries.iter().rev() {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            // Garbage from a client: stop at the last address a trusted hop vouched for.
+            Err(_) => return client,
+        }
+    }
+    client
+}
+
+/// Wraps every request; see the module docs.
+pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(request.headers());
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| {
+            client_ip(
+                peer.ip(),
+                request.headers(),
+                &state.config.worker.trusted_proxies,
+            )
+        });
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        instance = %state.instance,
+        method = %method,
+        route = %route,
+    );
+    let timeout = state.config.worker.request_timeout;
+    let mut response = REQUEST_ID
+        .scope(id.clone(), async move {
+            match tokio::time::timeout(timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::Unavailable("the request took too long; retry shortly")
+                    .into_response(),
+            }
+        })
+        .instrument(span.clone())
+        .await;
+
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert(X_REQUEST_ID, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&state.instance) {
+        headers.insert(X_SERVED_BY, value);
+    }
+
+    let status = response.status();
+    let elapsed = started.elapsed();
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.as_str().to_owned()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels[..2])
+        .record(elapsed.as_secs_f64());
+
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let client = client.map(|ip| ip.to_string()).unwrap_or_default();
+    let _enter = span.enter();
+    match response.extensions().get::<ErrorCause>() {
+        Some(ErrorCause(cause)) => {
+            tracing::error!(status = status.as_u16(), latency_ms, %client, error = %cause, "request failed")
+        }
+        None if status.is_server_error() => {
+            tracing::warn!(status = status.as_u16(), latency_ms, %client, "request")
+        }
+        None => tracing::info!(status = status.as_u16(), latency_ms, %client, "request"),
+    }
+    drop(_enter);
+    response
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A panic in a handler is a bug: answer a plain 500 and keep its message for the log.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".into());
+    let mut response = problem_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "an unexpected error occurred; it has been logged with this request id".into(),
+        None,
+    );
+    response
+        .extensions_mut()
+        .insert(ErrorCause(format!("panic: {message}").into()));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xff(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn client_ip_believes_only_trusted_hops() {
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Untrusted peer: its header is ignored.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &xff("1.2.3.4"), &trusted),
+            ip("203.0.113.9")
+        );
+        // Trusted peer: the right-most untrusted entry wins, spoofed left entries are ignored.
+        assert_eq!(
+            client_ip(
+                ip("127.0.0.1"),
+                &xff("6.6.6.6, 198.51.100.7, 10.1.1.1"),
+                &trusted
+            ),
+            ip("198.51.100.7")
+        );
+        // Trusted peer without the header: the peer itself.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("127.0.0.1")
+        );
+        // Garbage to the right of nothing trusted: fall back to the last trusted hop.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &xff("nonsense"), &trusted),
+            ip("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_sane() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, "abc-123".parse().unwrap());
+        assert_eq!(&*request_id(&headers), "abc-123");
+        headers.insert(X_REQUEST_ID, "has space".parse().unwrap());
+        assert_ne!(&*request_id(&headers), "has space");
+    }
+}

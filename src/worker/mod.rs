@@ -1,0 +1,181 @@
+//! The API process (`taskd worker`): a stateless axum server over PostgreSQL and Redis.
+//!
+//! [`app`] builds the router so tests can serve it on any listener; [`run`] serves it until the
+//! shutdown token fires and in-flight requests finish.
+
+pub mod error;
+pub mod extract;
+pub mod listing;
+pub mod model;
+pub mod redis;
+pub mod store;
+pub mod tokens;
+
+mod auth;
+mod categories;
+mod health;
+mod middleware;
+mod openapi;
+mod tasks;
+mod users;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use anyhow::Context;
+use axum::{Router, extract::DefaultBodyLimit, serve::ListenerExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::config::Config;
+
+/// Everything a request handler needs; cheap to clone (handles and `Arc`s only).
+#[derive(Clone)]
+pub struct AppState {
+    /// Primary PostgreSQL pool: all writes and reads that must see them.
+    pub db: PgPool,
+    /// Pool for listings: `database.read_url` when set, else the primary.
+    pub db_read: PgPool,
+    /// Shared ephemeral state (token revocations; cache and limits come with the Redis issue).
+    pub redis: redis::Redis,
+    pub config: Arc<Config>,
+    /// JWT keys, shared by every worker through `auth.jwt_secret` or the settings table.
+    pub tokens: Arc<tokens::TokenKeys>,
+    pub passwords: Arc<tokens::Passwords>,
+    /// `X-Served-By` value: `worker.instance_id`, default `<hostname>:<port>`.
+    pub instance: Arc<str>,
+    /// For `uptimeSeconds` in readiness.
+    pub started: Instant,
+    /// Cancelled when the worker begins shutting down; readiness then answers 503.
+    pub shutdown: CancellationToken,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Connects the stores (PostgreSQL must answer: the JWT secret lives there), applying
+    /// migrations first when `migrate` is set.
+    pub async fn new(
+        config: Config,
+        shutdown: CancellationToken,
+        migrate: bool,
+    ) -> anyhow::Result<Self> {
+        let db = if migrate {
+            crate::db::migrate(&config.database).await?
+        } else {
+            crate::db::pool(&config.database, &config.database.url)?
+        };
+        let db_read = match &config.database.read_url {
+            Some(url) => crate::db::pool(&config.database, url)?,
+            None => db.clone(),
+        };
+        let secret = store::settings::jwt_secret(&db, &config.auth.jwt_secret)
+            .await
+            .context("loading the JWT secret from PostgreSQL")?;
+        let tokens = Arc::new(tokens::TokenKeys::new(&secret, &config.auth));
+        let passwords = Arc::new(tokens::Passwords::new(&config.auth)?);
+        let redis = redis::Redis::connect(&config.redis)?;
+        let instance = config
+            .worker
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), config.worker.port));
+        Ok(Self {
+            db,
+            db_read,
+            redis,
+            tokens,
+            passwords,
+            instance: instance.into(),
+            started: Instant::now(),
+            shutdown,
+            metrics: middleware::metrics_handle(),
+            config: Arc::new(config),
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Every documented route, with its OpenAPI description.
+fn routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .merge(auth::router())
+        .merge(users::router())
+        .merge(categories::router())
+        .merge(tasks::router());
+    OpenApiRouter::with_openapi(openapi::base())
+        .nest("/api/v1", api)
+        .merge(health::router())
+}
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The whole HTTP application: API, health, metrics and docs, with the observing middleware.
+pub fn app(state: AppState) -> Router {
+    let (router, spec) = routes().split_for_parts();
+    router
+        .merge(openapi::docs(spec))
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            middleware::panic_response,
+        ))
+        .layer(DefaultBodyLimit::max(
+            state.config.worker.body_limit.as_u64() as usize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .with_state(state)
+}
+
+/// Serves `app(state)` on `listener` until `shutdown` fires, then lets in-flight requests
+/// finish for up to `worker.shutdown_timeout`.
+pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let grace = state.config.worker.shutdown_timeout;
+    let app = app(state);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tokio::select! {
+        result = server => result.context("serving HTTP")?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests still running after the grace period; exiting");
+        }
+    }
+    Ok(())
+}
+
+/// `taskd worker`: migrate, bind, serve until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = crate::shutdown::on_signal();
+    let addr = SocketAddr::new(config.worker.host, config.worker.port);
+    let state = AppState::new(config, shutdown, true).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, instance = %state.instance, "worker listening");
+    serve(listener, state).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

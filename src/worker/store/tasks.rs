@@ -1,0 +1,384 @@
+//! Tasks: CRUD and the filtered, searched, sorted listing.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::worker::{
+    error::{ApiError, FieldError, on_constraint},
+    listing::{KeyKind, KeyValue, OrderKey, PageRequest, Position},
+    model::{Priority, Status},
+};
+
+const COLUMNS: &str = "id, title, description, status, priority, due_at, category_id, completed_at, \
+                       owner_id, created_at, updated_at";
+
+/// A task. `completedAt` is set by the server when the status becomes `completed` and cleared
+/// when it leaves it.
+#[derive(Debug, Clone, Serialize, FromRow, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub id: Uuid,
+    /// 1–200 characters.
+    pub title: String,
+    /// Up to 10 000 characters, or null.
+    pub description: Option<String>,
+    #[sqlx(try_from = "String")]
+    pub status: Status,
+    #[sqlx(try_from = "i16")]
+    pub priority: Priority,
+    pub due_at: Option<DateTime<Utc>>,
+    pub category_id: Option<Uuid>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub owner_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A validated new task.
+#[derive(Debug)]
+pub struct NewTask {
+    pub title: String,
+    pub description: Option<String>,
+    pub status: Status,
+    pub priority: Priority,
+    pub due_at: Option<DateTime<Utc>>,
+    pub category_id: Option<Uuid>,
+}
+
+/// A validated partial update; `Some(None)` clears a nullable field.
+#[derive(Debug, Default)]
+pub struct TaskChanges {
+    pub title: Option<String>,
+    pub description: Option<Option<String>>,
+    pub status: Option<Status>,
+    pub priority: Option<Priority>,
+    pub due_at: Option<Option<DateTime<Utc>>>,
+    pub category_id: Option<Option<Uuid>>,
+}
+
+impl TaskChanges {
+    pub fn is_empty(&self) -> bool {
+        self.title.is_none()
+            && self.description.is_none()
+            && self.status.is_none()
+            && self.priority.is_none()
+            && self.due_at.is_none()
+            && self.category_id.is_none()
+    }
+}
+
+/// The category must exist and belong to the task's owner; the composite foreign key enforces
+/// it, and its violation is the client's mistake.
+fn unknown_category() -> ApiError {
+    ApiError::invalid_field("categoryId", "no such category")
+}
+
+pub async fn create(db: &PgPool, owner: Uuid, task: &NewTask) -> Result<Task, ApiError> {
+    sqlx::query_as(&format!(
+        "INSERT INTO tasks (id, owner_id, title, description, status, priority, due_at, category_id, completed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5 = 'completed' THEN now() END)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(owner)
+    .bind(&task.title)
+    .bind(&task.description)
+    .bind(task.status.as_str())
+    .bind(task.priority.rank())
+    .bind(task.due_at)
+    .bind(task.category_id)
+    .fetch_one(db)
+    .await
+    .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))
+}
+
+pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Task>, ApiError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM tasks WHERE owner_id = $1 AND id = $2"
+    ))
+    .bind(owner)
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+pub async fn update(
+    db: &PgPool,
+    owner: Uuid,
+    id: Uuid,
+    changes: &TaskChanges,
+) -> Result<Option<Task>, ApiError> {
+    if changes.is_empty() {
+        return get(db, owner, id).await;
+    }
+    let mut qb = QueryBuilder::<Postgres>::new("UPDATE tasks SET updated_at = now()");
+    if let Some(title) = &changes.title {
+        qb.push(", title = ").push_bind(title.clone());
+    }
+    if let Some(description) = &changes.description {
+        qb.push(", description = ").push_bind(description.clone());
+    }
+    if let Some(status) = changes.status {
+        // Right-hand sides see the old row: keep the first completion time, clear it on leaving.
+        qb.push(", status = ")
+            .push_bind(status.as_str())
+            .push(", completed_at = CASE WHEN ")
+            .push_bind(status == Status::Completed)
+            .push(" THEN coalesce(completed_at, now()) END");
+    }
+    if let Some(priority) = changes.priority {
+        qb.push(", priority = ").push_bind(priority.rank());
+    }
+    if let Some(due_at) = changes.due_at {
+        qb.push(", due_at = ").push_bind(due_at);
+    }
+    if let Some(category_id) = changes.category_id {
+        qb.push(", category_id = ").push_bind(category_id);
+    }
+    qb.push(" WHERE owner_id = ")
+        .push_bind(owner)
+        .push(" AND id = ")
+        .push_bind(id)
+        .push(format!(" RETURNING {COLUMNS}"));
+    qb.build_query_as()
+        .fetch_optional(db)
+        .await
+        .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))
+}
+
+pub async fn delete(db: &PgPool, owner: Uuid, id: Uuid) -> Result<bool, ApiError> {
+    let result = sqlx::query("DELETE FROM tasks WHERE owner_id = $1 AND id = $2")
+        .bind(owner)
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected() > 0)
+}
+
+/// Which tasks a listing returns.
+#[derive(Debug, Default)]
+pub struct TaskFilter {
+    /// Any of these statuses (empty: all).
+    pub status: Vec<Status>,
+    /// Any of these priorities (empty: all).
+    pub priority: Vec<Priority>,
+    pub category: CategoryFilter,
+    /// Due strictly before.
+    pub due_before: Option<DateTime<Utc>>,
+    /// Due strictly after.
+    pub due_after: Option<DateTime<Utc>>,
+    /// Lower-cased words; each must start a word of the title or description.
+    pub words: Vec<String>,
+}
+
+/// The `categoryId` filter.
+#[derive(Debug, Default, Clone, Copy)]
+pub enum CategoryFilter {
+    #[default]
+    Any,
+    /// `categoryId=none`: tasks without a category.
+    None,
+    Is(Uuid),
+}
+
+/// A sort key of the task listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    CreatedAt,
+    UpdatedAt,
+    DueAt,
+    Priority,
+    Title,
+}
+
+impl SortKey {
+    const NAMES: &'static [(&'static str, SortKey)] = &[
+        ("createdAt", SortKey::CreatedAt),
+        ("updatedAt", SortKey::UpdatedAt),
+        ("dueAt", SortKey::DueAt),
+        ("priority", SortKey::Priority),
+        ("title", SortKey::Title),
+    ];
+
+    fn order(self, desc: bool) -> OrderKey {
+        let (expr, wrap, kind) = match self {
+            SortKey::CreatedAt => ("created_at", ("", ""), KeyKind::Time),
+            SortKey::UpdatedAt => ("updated_at", ("", ""), KeyKind::Time),
+            // Tasks without a due date sort after every date (first when descending).
+            SortKey::DueAt => (
+                "coalesce(due_at, 'infinity'::timestamptz)",
+                ("coalesce(", "::timestamptz, 'infinity'::timestamptz)"),
+                KeyKind::OptionalTime,
+            ),
+            SortKey::Priority => ("priority", ("", "::smallint"), KeyKind::Int),
+            SortKey::Title => (
+                "lower(title) COLLATE \"C\"",
+                ("lower(", ") COLLATE \"C\""),
+                KeyKind::Text,
+            ),
+        };
+        OrderKey {
+            expr,
+            wrap,
+            kind,
+            desc,
+        }
+    }
+
+    fn value(self, task: &Task) -> KeyValue {
+        match self {
+            SortKey::CreatedAt => KeyValue::Time(task.created_at),
+            SortKey::UpdatedAt => KeyValue::Time(task.updated_at),
+            SortKey::DueAt => KeyValue::OptionalTime(task.due_at),
+            SortKey::Priority => KeyValue::Int(task.priority.rank()),
+            SortKey::Title => KeyValue::Text(task.title.clone()),
+        }
+    }
+}
+
+/// A parsed `sort` parameter: keys with directions, most significant first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSort(Vec<(SortKey, bool)>);
+
+impl Default for TaskSort {
+    fn default() -> Self {
+        Self(vec![(SortKey::CreatedAt, true)])
+    }
+}
+
+impl TaskSort {
+    /// Parses `-createdAt,priority`; each key at most once.
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let mut keys = Vec::new();
+        for part in raw.split(',') {
+            let (desc, name) = match part.strip_prefix('-') {
+                Some(name) => (true, name),
+                None => (false, part),
+            };
+            let Some(&(_, key)) = SortKey::NAMES.iter().find(|(n, _)| *n == name) else {
+                return Err(FieldError::new(
+                    "sort",
+                    format!(
+                        "unknown sort key {part:?}; use createdAt, updatedAt, dueAt, priority or title, optionally prefixed with -"
+                    ),
+                ));
+            };
+            if keys.iter().any(|(k, _)| *k == key) {
+                return Err(FieldError::new("sort", format!("{name} is given twice")));
+            }
+            keys.push((key, desc));
+        }
+        Ok(Self(keys))
+    }
+
+    /// The canonical spelling, which cursors are bound to.
+    pub fn tag(&self) -> String {
+        self.0
+            .iter()
+            .map(|(key, desc)| {
+                let name = SortKey::NAMES
+                    .iter()
+                    .find(|(_, k)| k == key)
+                    .map_or("", |(n, _)| n);
+                if *desc {
+                    format!("-{name}")
+                } else {
+                    name.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn kinds(&self) -> Vec<KeyKind> {
+        self.0
+            .iter()
+            .map(|(key, desc)| key.order(*desc).kind)
+            .collect()
+    }
+
+    pub fn position(&self, task: &Task) -> Position {
+        Position {
+            values: self.0.iter().map(|(key, _)| key.value(task)).collect(),
+            id: task.id,
+        }
+    }
+
+    fn order(&self) -> Vec<OrderKey> {
+        self.0.iter().map(|(key, desc)| key.order(*desc)).collect()
+    }
+}
+
+/// The `to_tsquery` text for search words: each word as a prefix, all required.
+/// Words hold only letters and digits (see `listing::search_words`), so no escaping is needed.
+fn ts_query(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| format!("{w}:*"))
+        .collect::<Vec<_>>()
+        .join(" & ")
+}
+
+pub async fn list(
+    db: &PgPool,
+    owner: Uuid,
+    filter: &TaskFilter,
+    sort: &TaskSort,
+    page: &PageRequest,
+) -> Result<(Vec<Task>, Option<i64>), ApiError> {
+    let push_filter = |qb: &mut QueryBuilder<'_, Postgres>| {
+        qb.push(" WHERE owner_id = ").push_bind(owner);
+        if !filter.status.is_empty() {
+            let statuses: Vec<&str> = filter.status.iter().map(|s| s.as_str()).collect();
+            qb.push(" AND status = ANY(").push_bind(statuses).push(")");
+        }
+        if !filter.priority.is_empty() {
+            let ranks: Vec<i16> = filter.priority.iter().map(|p| p.rank()).collect();
+            qb.push(" AND priority = ANY(").push_bind(ranks).push(")");
+        }
+        match filter.category {
+            CategoryFilter::Any => {}
+            CategoryFilter::None => {
+                qb.push(" AND category_id IS NULL");
+            }
+            CategoryFilter::Is(id) => {
+                qb.push(" AND category_id = ").push_bind(id);
+            }
+        }
+        if let Some(before) = filter.due_before {
+            qb.push(" AND due_at < ").push_bind(before);
+        }
+        if let Some(after) = filter.due_after {
+            qb.push(" AND due_at > ").push_bind(after);
+        }
+        if !filter.words.is_empty() {
+            qb.push(" AND search @@ to_tsquery('simple', ")
+                .push_bind(ts_query(&filter.words))
+                .push(")");
+        }
+    };
+    super::fetch_page(db, COLUMNS, "tasks", push_filter, &sort.order(), page).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_parses_canonically() {
+        let sort = TaskSort::parse("-priority,dueAt,title").unwrap();
+        assert_eq!(sort.tag(), "-priority,dueAt,title");
+        assert_eq!(TaskSort::default().tag(), "-createdAt");
+        for bad in ["", "owner", "priority,-priority", "--title", "title,"] {
+            assert!(TaskSort::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn search_becomes_prefix_conjunction() {
+        assert_eq!(ts_query(&["fix".into(), "bug2".into()]), "fix:* & bug2:*");
+    }
+}

@@ -1,0 +1,317 @@
+//! `/api/v1/tasks`: the caller's tasks, and the listing with filters, search, sort and paging.
+
+use axum::{extract::State, http::StatusCode};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    error::{ApiError, FieldError, FieldErrors, Problems},
+    extract::{Json, PathId, Query, double_option},
+    listing::{Listing, PageRequest, search_words},
+    model::{Priority, Status},
+    store::{
+        self,
+        tasks::{CategoryFilter, NewTask, Task, TaskChanges, TaskFilter, TaskSort},
+    },
+    tokens::AuthUser,
+};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tasks, create_task))
+        .routes(routes!(get_task, update_task, delete_task))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateTask {
+    /// 1–200 characters.
+    #[schema(example = "Write the quarterly report")]
+    title: String,
+    /// Up to 10 000 characters.
+    description: Option<String>,
+    /// Default `pending`.
+    status: Option<Status>,
+    /// Default `medium`.
+    priority: Option<Priority>,
+    /// RFC 3339.
+    due_at: Option<DateTime<Utc>>,
+    /// One of the caller's categories.
+    category_id: Option<Uuid>,
+}
+
+/// Partial update: absent fields are kept, `null` clears a nullable field.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpdateTask {
+    title: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    description: Option<Option<String>>,
+    status: Option<Status>,
+    priority: Option<Priority>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    due_at: Option<Option<DateTime<Utc>>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Uuid>)]
+    category_id: Option<Option<Uuid>>,
+}
+
+/// Query of `GET /tasks`. Unknown or malformed parameters are a 400.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct ListTasksQuery {
+    /// Comma-separated statuses, e.g. `pending,in_progress`.
+    status: Option<String>,
+    /// Comma-separated priorities, e.g. `high,urgent`.
+    priority: Option<String>,
+    /// A category id, or `none` for tasks without a category.
+    category_id: Option<String>,
+    /// Only tasks due before this instant (RFC 3339).
+    due_before: Option<String>,
+    /// Only tasks due after this instant (RFC 3339).
+    due_after: Option<String>,
+    /// Words (case-insensitive) that must each begin a word of the title or description.
+    search: Option<String>,
+    /// Comma-separated keys among `createdAt`, `updatedAt`, `dueAt`, `priority`, `title`, each
+    /// optionally prefixed with `-` for descending. Default `-createdAt`. Tasks without a due
+    /// date sort last by `dueAt`.
+    sort: Option<String>,
+    /// 1–100, default 20.
+    limit: Option<String>,
+    /// Page number (≥ 1, default 1); not with `cursor`.
+    page: Option<String>,
+    /// `nextCursor` of the previous page (same sort); empty to start a cursor walk.
+    cursor: Option<String>,
+    /// Admins only: list this user's tasks instead of their own.
+    owner_id: Option<String>,
+}
+
+const NO_TASK: ApiError = ApiError::NotFound("no such task");
+
+fn check_title(title: &str) -> Result<String, FieldError> {
+    let trimmed = title.trim();
+    if (1..=200).contains(&trimmed.chars().count()) {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(FieldError::new("title", "must be 1 to 200 characters"))
+    }
+}
+
+fn check_description(description: &str) -> Result<(), FieldError> {
+    if description.chars().count() <= 10_000 {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "description",
+            "must be at most 10000 characters",
+        ))
+    }
+}
+
+/// Parses a comma-separated list of enum values.
+fn parse_list<T>(
+    field: &str,
+    raw: &str,
+    parse: fn(&str) -> Option<T>,
+    expected: String,
+) -> Result<Vec<T>, FieldError> {
+    raw.split(',')
+        .map(|part| {
+            parse(part.trim()).ok_or_else(|| {
+                FieldError::new(
+                    field,
+                    format!("unknown value {part:?}; expected {expected}"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, FieldError> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            FieldError::new(
+                field,
+                "must be an RFC 3339 timestamp, e.g. 2026-01-31T17:00:00Z",
+            )
+        })
+}
+
+/// Turns the raw query into filter, sort, paging and the owner to list; all errors at once.
+fn parse_listing(
+    query: &ListTasksQuery,
+    me: &AuthUser,
+) -> Result<(Uuid, TaskFilter, TaskSort, PageRequest), ApiError> {
+    let mut errors = FieldErrors::default();
+    let status = query
+        .status
+        .as_deref()
+        .map(|raw| parse_list("status", raw, Status::parse, Status::expected()));
+    let priority = query
+        .priority
+        .as_deref()
+        .map(|raw| parse_list("priority", raw, Priority::parse, Priority::expected()));
+    let category = query.category_id.as_deref().map(|raw| match raw {
+        "none" => Ok(CategoryFilter::None),
+        raw => Uuid::parse_str(raw)
+            .map(CategoryFilter::Is)
+            .map_err(|_| FieldError::new("categoryId", "must be a category id or `none`")),
+    });
+    let due_before = query
+        .due_before
+        .as_deref()
+        .map(|raw| parse_time("dueBefore", raw));
+    let due_after = query
+        .due_after
+        .as_deref()
+        .map(|raw| parse_time("dueAfter", raw));
+    let sort = query.sort.as_deref().map(TaskSort::parse);
+    let owner = query.owner_id.as_deref().map(|raw| {
+        Uuid::parse_str(raw).map_err(|_| FieldError::new("ownerId", "must be a user id"))
+    });
+    let filter = TaskFilter {
+        status: status.and_then(|r| errors.take(r)).unwrap_or_default(),
+        priority: priority.and_then(|r| errors.take(r)).unwrap_or_default(),
+        category: category.and_then(|r| errors.take(r)).unwrap_or_default(),
+        due_before: due_before.and_then(|r| errors.take(r)),
+        due_after: due_after.and_then(|r| errors.take(r)),
+        words: search_words(query.search.as_deref().unwrap_or("")),
+    };
+    let sort = sort.and_then(|r| errors.take(r)).unwrap_or_default();
+    let owner = owner.and_then(|r| errors.take(r)).unwrap_or(me.id);
+    let page = PageRequest::parse(
+        query.limit.as_deref(),
+        query.page.as_deref(),
+        query.cursor.as_deref(),
+        &sort.tag(),
+        &sort.kinds(),
+    );
+    let page = match page {
+        Ok(page) => Some(page),
+        Err(more) => {
+            errors.extend(more);
+            None
+        }
+    };
+    errors.into_bad_query()?;
+    let page = page.expect("no errors means the page parsed");
+    Ok((owner, filter, sort, page))
+}
+
+/// List the caller's tasks (or, for admins, another user's with `ownerId`).
+#[utoipa::path(get, path = "/tasks", tag = "tasks", security(("bearer" = [])),
+    params(ListTasksQuery), responses((status = 200, body = Listing<Task>), Problems))]
+async fn list_tasks(
+    State(state): State<AppState>,
+    me: AuthUser,
+    Query(query): Query<ListTasksQuery>,
+) -> Result<axum::Json<Listing<Task>>, ApiError> {
+    if query.owner_id.is_some() {
+        me.require_admin()?;
+    }
+    let (owner, filter, sort, page) = parse_listing(&query, &me)?;
+    let (rows, total) = store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
+    let tag = sort.tag();
+    Ok(axum::Json(Listing::new(&page, rows, total, &tag, |task| {
+        sort.position(task)
+    })))
+}
+
+/// Create a task.
+#[utoipa::path(post, path = "/tasks", tag = "tasks", security(("bearer" = [])),
+    request_body = CreateTask, responses((status = 201, body = Task), Problems))]
+async fn create_task(
+    State(state): State<AppState>,
+    me: AuthUser,
+    Json(body): Json<CreateTask>,
+) -> Result<(StatusCode, axum::Json<Task>), ApiError> {
+    let mut errors = FieldErrors::default();
+    let title = errors.take(check_title(&body.title));
+    errors.take(
+        body.description
+            .as_deref()
+            .map(check_description)
+            .transpose(),
+    );
+    errors.into_validation()?;
+    let title = title.unwrap_or_default();
+    let task = NewTask {
+        title,
+        description: body.description,
+        status: body.status.unwrap_or(Status::Pending),
+        priority: body.priority.unwrap_or(Priority::Medium),
+        due_at: body.due_at,
+        category_id: body.category_id,
+    };
+    let task = store::tasks::create(&state.db, me.id, &task).await?;
+    Ok((StatusCode::CREATED, axum::Json(task)))
+}
+
+/// One of the caller's tasks.
+#[utoipa::path(get, path = "/tasks/{id}", tag = "tasks", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 200, body = Task), Problems))]
+async fn get_task(
+    State(state): State<AppState>,
+    me: AuthUser,
+    PathId(id): PathId,
+) -> Result<axum::Json<Task>, ApiError> {
+    Ok(axum::Json(
+        store::tasks::get(&state.db, me.id, id)
+            .await?
+            .ok_or(NO_TASK)?,
+    ))
+}
+
+/// Change some fields of a task; `null` clears `description`, `dueAt` or `categoryId`.
+#[utoipa::path(patch, path = "/tasks/{id}", tag = "tasks", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), request_body = UpdateTask,
+    responses((status = 200, body = Task), Problems))]
+async fn update_task(
+    State(state): State<AppState>,
+    me: AuthUser,
+    PathId(id): PathId,
+    Json(body): Json<UpdateTask>,
+) -> Result<axum::Json<Task>, ApiError> {
+    let mut errors = FieldErrors::default();
+    let title = errors
+        .take(body.title.as_deref().map(check_title).transpose())
+        .flatten();
+    if let Some(Some(text)) = &body.description {
+        errors.take(check_description(text));
+    }
+    errors.into_validation()?;
+    let changes = TaskChanges {
+        title,
+        description: body.description,
+        status: body.status,
+        priority: body.priority,
+        due_at: body.due_at,
+        category_id: body.category_id,
+    };
+    let task = store::tasks::update(&state.db, me.id, id, &changes)
+        .await?
+        .ok_or(NO_TASK)?;
+    Ok(axum::Json(task))
+}
+
+/// Delete a task.
+#[utoipa::path(delete, path = "/tasks/{id}", tag = "tasks", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204, description = "Deleted"), Problems))]
+async fn delete_task(
+    State(state): State<AppState>,
+    me: AuthUser,
+    PathId(id): PathId,
+) -> Result<StatusCode, ApiError> {
+    if !store::tasks::delete(&state.db, me.id, id).await? {
+        return Err(NO_TASK);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,251 @@
+//! Credentials: argon2id password hashes, JWT access tokens, opaque refresh tokens, and the
+//! [`AuthUser`] extractor that checks them.
+//!
+//! Access tokens carry the user's `token_version`. When it changes (password, role or tier
+//! change, or deletion) the new version is published in Redis for one access-token lifetime, so
+//! every worker refuses older tokens from the next request on while a valid token costs one Redis
+//! GET and no SQL. If Redis cannot answer, the check falls back to PostgreSQL.
+
+use std::time::Duration;
+
+use argon2::{
+    Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
+    password_hash::SaltString,
+};
+use axum::{extract::FromRequestParts, http::request::Parts};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::Utc;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    error::ApiError,
+    model::{Role, Tier},
+    store,
+};
+use crate::config::AuthConfig;
+
+/// Marker value published for a deleted user.
+const DELETED: i64 = -1;
+
+/// The claims of an access token.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: Uuid,
+    /// The user's token version when the token was issued.
+    pub ver: i32,
+    pub role: Role,
+    pub tier: Tier,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Signing keys and lifetimes.
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    /// Lifetime of access tokens; also how long a revocation is kept in Redis.
+    pub access_ttl: Duration,
+    /// Lifetime of refresh tokens.
+    pub refresh_ttl: Duration,
+}
+
+impl TokenKeys {
+    pub fn new(secret: &[u8], config: &AuthConfig) -> Self {
+        let mut validation = Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            access_ttl: config.access_ttl,
+            refresh_ttl: config.refresh_ttl,
+        }
+    }
+
+    /// A signed access token for the user at `version`.
+    pub fn access_token(&self, user: Uuid, version: i32, role: Role, tier: Tier) -> String {
+        let now = Utc::now().timestamp();
+        let claims = Claims {
+            sub: user,
+            ver: version,
+            role,
+            tier,
+            iat: now,
+            exp: now + self.access_ttl.as_secs() as i64,
+        };
+        jsonwebtoken::encode(&Header::default(), &claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
+    }
+
+    pub fn decode(&self, token: &str) -> Result<Claims, ApiError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ApiError::Unauthorized("the access token has expired")
+                }
+                _ => ApiError::Unauthorized("the access token is invalid"),
+            })
+    }
+}
+
+/// A new random refresh token (256 bits, base64url) and the hash stored for it.
+pub fn new_refresh_token() -> (String, Vec<u8>) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = URL_SAFE_NO_PAD.encode(bytes);
+    let hash = hash_refresh_token(&token);
+    (token, hash)
+}
+
+pub fn hash_refresh_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Argon2id hashing, off the async threads and at most `max_concurrent_hashes` at once: a login
+/// burst queues instead of taking 19 MiB per request.
+pub struct Passwords {
+    params: Params,
+    permits: Semaphore,
+    /// Verified against when the email is unknown, so both cases take the same time.
+    dummy_hash: String,
+}
+
+impl Passwords {
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
+        let params = Params::new(config.argon2_memory_kib, config.argon2_iterations, 1, None)
+            .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
+        let dummy_hash = hash_with(&params, "dummy password for timing")?;
+        Ok(Self {
+            params,
+            permits: Semaphore::new(config.max_concurrent_hashes),
+            dummy_hash,
+        })
+    }
+
+    pub async fn hash(&self, password: &str) -> Result<String, ApiError> {
+        let _permit = self.permits.acquire().await.map_err(anyhow::Error::from)?;
+        let params = self.params.clone();
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || hash_with(&params, &password))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(ApiError::Internal)
+    }
+
+    /// Whether `password` matches `hash`; with `None` verifies against a dummy and says no.
+    pub async fn verify(&self, password: &str, hash: Option<&str>) -> Result<bool, ApiError> {
+        let _permit = self.permits.acquire().await.map_err(anyhow::Error::from)?;
+        let known = hash.is_some();
+        let hash = hash.unwrap_or(&self.dummy_hash).to_owned();
+        let password = password.to_owned();
+        let matched = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(anyhow::Error::from)?;
+        Ok(known && matched)
+    }
+}
+
+fn hash_with(params: &Params, password: &str) -> anyhow::Result<String> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
+}
+
+fn version_key(state: &AppState, user: Uuid) -> String {
+    state.redis.key(&format!("tokver:{user}"))
+}
+
+/// Makes every worker refuse access tokens of `user` older than `version` (`None`: the user is
+/// deleted, refuse all). Kept for one access-token lifetime, after which those tokens have
+/// expired anyway.
+pub async fn publish_version(state: &AppState, user: Uuid, version: Option<i32>) {
+    let value = version.map_or(DELETED, i64::from);
+    let ttl = state.tokens.access_ttl + Duration::from_secs(60);
+    if let Err(error) = state
+        .redis
+        .set_i64(&version_key(state, user), value, ttl)
+        .await
+    {
+        tracing::warn!(%error, %user, "could not publish token revocation to Redis");
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub role: Role,
+    pub tier: Tier,
+}
+
+impl AuthUser {
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::User => Err(ApiError::Forbidden("this requires the admin role")),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("an access token is required"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or(ApiError::Unauthorized(
+                "the Authorization header must be `Bearer <access token>`",
+            ))?;
+        let claims = state.tokens.decode(token)?;
+        let current = match state.redis.get_i64(&version_key(state, claims.sub)).await {
+            Ok(published) => published,
+            Err(error) => {
+                tracing::debug!(%error, "token version check falls back to PostgreSQL");
+                Some(
+                    store::users::token_version(&state.db, claims.sub)
+                        .await?
+                        .map_or(DELETED, i64::from),
+                )
+            }
+        };
+        if current.is_some_and(|v| v != i64::from(claims.ver)) {
+            return Err(ApiError::Unauthorized("the access token has been revoked"));
+        }
+        Ok(AuthUser {
+            id: claims.sub,
+            role: claims.role,
+            tier: claims.tier,
+        })
+    }
+}
