@@ -377,6 +377,19 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// The committed `config.toml` documents every key with its default value.
+    #[test]
+    fn committed_config_toml_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let committed: Config = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        let render = |c: &Config| toml::to_string(c).unwrap();
+        assert_eq!(render(&committed), render(&Config::default()));
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in ["read_url", "instance_id"] {
+            assert!(text.contains(key), "config.toml does not mention {key}");
+        }
+    }
+
     #[test]
     fn redacts_url_passwords_only() {
         assert_eq!(

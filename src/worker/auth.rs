@@ -31,13 +31,27 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// Unique, case-insensitive; stored lower-cased.
-    #[schema(example = "ada@example.com")]
+    #[schema(
+        example = "ada@example.com",
+        min_length = 3,
+        max_length = 254,
+        pattern = r"^[^@\s]+@[^@\s]+$"
+    )]
     email: String,
     /// At least 8 characters.
-    #[schema(example = "correct horse battery staple")]
+    #[schema(
+        example = "correct horse battery staple",
+        min_length = 8,
+        max_length = 256
+    )]
     password: String,
     /// 1–100 characters.
-    #[schema(example = "Ada Lovelace")]
+    #[schema(
+        example = "Ada Lovelace",
+        min_length = 1,
+        max_length = 100,
+        pattern = r"\S"
+    )]
     name: String,
 }
 
@@ -139,14 +153,13 @@ async fn login(
         return Err(BAD_CREDENTIALS);
     }
     let Some(Credentials {
-        id, token_version, ..
+        user,
+        token_version,
+        ..
     }) = credentials
     else {
         return Err(BAD_CREDENTIALS);
     };
-    let user = store::users::find(&state.db, id)
-        .await?
-        .ok_or(BAD_CREDENTIALS)?;
     let mut conn = state.db.acquire().await?;
     Ok(axum::Json(
         session(&state, user, token_version, uuid::Uuid::now_v7(), &mut conn).await?,
@@ -180,18 +193,16 @@ async fn refresh(
             ));
         }
     };
-    let credentials =
-        store::users::credentials(&state.db, user_id)
-            .await?
-            .ok_or(ApiError::Unauthorized(
-                "the refresh token is invalid or expired",
-            ))?;
-    let user = store::users::find(&state.db, user_id)
+    let Credentials {
+        user,
+        token_version,
+        ..
+    } = store::users::credentials(&state.db, user_id)
         .await?
         .ok_or(ApiError::Unauthorized(
             "the refresh token is invalid or expired",
         ))?;
-    let response = session(&state, user, credentials.token_version, family, &mut tx).await?;
+    let response = session(&state, user, token_version, family, &mut tx).await?;
     tx.commit().await?;
     Ok(axum::Json(response))
 }

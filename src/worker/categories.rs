@@ -24,20 +24,21 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct CreateCategory {
     /// 1–64 characters, unique among the caller's categories regardless of case.
-    #[schema(example = "Work")]
+    #[schema(example = "Work", min_length = 1, max_length = 64, pattern = r"\S")]
     name: String,
     /// `#rrggbb`.
-    #[schema(example = "#1e90ff")]
+    #[schema(example = "#1e90ff", pattern = "^#[0-9a-fA-F]{6}$")]
     color: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCategory {
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
     name: Option<String>,
     /// `#rrggbb`, or null to clear.
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^#[0-9a-fA-F]{6}$")]
     color: Option<Option<String>>,
 }
 
@@ -49,8 +50,10 @@ pub struct ListCategoriesQuery {
     /// Words that must all appear in the name (case-insensitive).
     search: Option<String>,
     /// 1–100, default 20.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// Page number (≥ 1, default 1); not with `cursor`.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100000)]
     page: Option<String>,
     /// `nextCursor` of the previous page; empty to start a cursor walk.
     cursor: Option<String>,

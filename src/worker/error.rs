@@ -274,6 +274,11 @@ impl From<sqlx::Error> for ApiError {
             {
                 Self::Unavailable("the database is unavailable; retry shortly")
             }
+            // 22021 character_not_in_repertoire: text with a NUL character, which PostgreSQL
+            // cannot store; it comes from the client, in a body field or a cursor.
+            sqlx::Error::Database(e) if e.code().as_deref() == Some("22021") => {
+                Self::bad_request("text must not contain NUL (U+0000) characters")
+            }
             _ => Self::Internal(anyhow::Error::new(error).context("database query")),
         }
     }

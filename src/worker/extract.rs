@@ -47,48 +47,68 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Deserialises `bytes`: syntax errors are 400, shape errors 422 naming the field.
+/// Deserialises `bytes`: syntax errors are 400; a body that is not an object, a string holding
+/// NUL (which PostgreSQL cannot store) or a field of the wrong shape is 422, naming the field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let message = inner.to_string();
-                let message = strip_position(&message);
-                ApiError::Validation(vec![FieldError::new(field_name(&path, message), message)])
-            }
-            _ => ApiError::bad_request(format!("malformed JSON body: {inner}")),
-        }
-    })?;
-    // Trailing garbage after the value is malformed JSON too.
-    deserializer
-        .end()
+    let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
-    Ok(value)
+    if !value.is_object() {
+        return Err(ApiError::invalid_field("body", "must be a JSON object"));
+    }
+    if let Some(path) = find_nul(&value, String::new()) {
+        return Err(ApiError::invalid_field(
+            &path,
+            "must not contain NUL characters",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let message = error.into_inner().to_string();
+        ApiError::Validation(vec![FieldError::new(field_name(&path, &message), message)])
+    })
 }
 
-/// serde_json appends " at line 1 column 12"; the field name already says where.
-fn strip_position(message: &str) -> &str {
-    match message.rfind(" at line ") {
-        Some(i) => &message[..i],
-        None => message,
+/// The path of the first string (or key) containing U+0000.
+fn find_nul(value: &serde_json::Value, path: String) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => {
+            Some(if path.is_empty() { "body".into() } else { path })
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_nul(item, format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(join("(key)"))
+            } else {
+                find_nul(item, join(key))
+            }
+        }),
+        _ => None,
     }
 }
 
-/// The field a shape error is about: its path, or for "missing field `x`" / "unknown field `x`"
-/// at some level, that level's path plus `x`.
+/// The field a shape error is about: its path, or for "missing field `x`" at some level, that
+/// level's path plus `x`. (The path of an unknown field already ends with its name.)
 fn field_name(path: &str, message: &str) -> String {
-    let named = ["missing field `", "unknown field `"]
-        .iter()
-        .find_map(|prefix| message.strip_prefix(prefix))
-        .and_then(|rest| rest.split('`').next());
-    match (path, named) {
-        (".", Some(name)) => name.to_owned(),
-        (".", None) => "body".to_owned(),
-        (path, Some(name)) => format!("{path}.{name}"),
-        (path, None) => path.to_owned(),
+    let named = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+    };
+    match (path, named("missing field `"), named("unknown field `")) {
+        (".", Some(name), _) | (".", None, Some(name)) => name.to_owned(),
+        (".", None, None) => "body".to_owned(),
+        (path, Some(name), _) => format!("{path}.{name}"),
+        (path, None, _) => path.to_owned(),
     }
 }
 
@@ -112,17 +132,27 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 }
 
 /// A query string decoded into `T` (a struct with `deny_unknown_fields` and text fields that the
-/// handler validates). Unknown, repeated or undecodable parameters are a 400.
+/// handler validates). Unknown, repeated or undecodable parameters are a 400. An empty value
+/// (`?status=`, as HTML forms send) means the parameter is absent, except `cursor`, where empty
+/// starts a cursor walk.
 pub struct Query<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let query = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(query)
+        let invalid =
+            |e: &dyn std::fmt::Display| ApiError::bad_request(format!("invalid query string: {e}"));
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).map_err(|e| invalid(&e))?;
+        let given: Vec<_> = pairs
+            .into_iter()
+            .filter(|(key, value)| !value.is_empty() || key == "cursor")
+            .collect();
+        let query = serde_urlencoded::to_string(&given).map_err(|e| invalid(&e))?;
+        serde_urlencoded::from_str(&query)
             .map(Query)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+            .map_err(|e| invalid(&e))
     }
 }
 
@@ -181,6 +211,16 @@ mod tests {
         assert_eq!(
             field_of(parse_json::<Body>(b"[]").unwrap_err()),
             (422, "body".into())
+        );
+        // serde accepts a struct in sequence form; a body must be an object all the same.
+        assert_eq!(
+            field_of(parse_json::<Body>(b"[\"a\", 1]").unwrap_err()),
+            (422, "body".into())
+        );
+        // PostgreSQL cannot store NUL in text.
+        assert_eq!(
+            field_of(parse_json::<Body>(br#"{"title":"a\u0000b"}"#).unwrap_err()),
+            (422, "title".into())
         );
     }
 

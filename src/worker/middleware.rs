@@ -121,7 +121,7 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
                     .into_response(),
             }
         })
-        .instrument(span.clone())
+        .instrument(span)
         .await;
 
     let headers = response.headers_mut();
@@ -143,19 +143,25 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     metrics::histogram!("http_request_duration_seconds", &labels[..2])
         .record(elapsed.as_secs_f64());
 
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    // The request line carries every field itself (not via the span), so log shippers find
+    // them at the top level of a JSON line.
+    let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     let client = client.map(|ip| ip.to_string()).unwrap_or_default();
-    let _enter = span.enter();
-    match response.extensions().get::<ErrorCause>() {
-        Some(ErrorCause(cause)) => {
-            tracing::error!(status = status.as_u16(), latency_ms, %client, error = %cause, "request failed")
-        }
-        None if status.is_server_error() => {
-            tracing::warn!(status = status.as_u16(), latency_ms, %client, "request")
-        }
-        None => tracing::info!(status = status.as_u16(), latency_ms, %client, "request"),
+    let status = status.as_u16();
+    let [(_, method), (_, route), _] = &labels;
+    macro_rules! request_line {
+        ($level:ident, $($extra:tt)*) => {
+            tracing::$level!(
+                request_id = %id, instance = %state.instance, %method, %route, status,
+                latency_ms, %client, $($extra)*
+            )
+        };
     }
-    drop(_enter);
+    match response.extensions().get::<ErrorCause>() {
+        Some(ErrorCause(cause)) => request_line!(error, error = %cause, "request failed"),
+        None if status >= 500 => request_line!(warn, "request"),
+        None => request_line!(info, "request"),
+    }
     response
 }
 

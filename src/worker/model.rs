@@ -9,9 +9,12 @@ use utoipa::ToSchema;
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
+        // The wire spelling is the snake_case variant name; `wire_spellings_match` checks that
+        // it equals `$text`, which the SQL side uses.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
         pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+            $($(#[$vmeta])* $variant),+
         }
 
         impl $name {
@@ -115,6 +118,7 @@ pub fn check_name(name: &str) -> Result<String, FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use utoipa::PartialSchema;
 
     #[test]
     fn priority_rank_round_trips_in_order() {
@@ -124,6 +128,24 @@ mod tests {
         }
         assert!(Priority::try_from(4).is_err());
         assert!(Priority::try_from(-1).is_err());
+    }
+
+    #[test]
+    fn wire_spellings_match() {
+        fn check<T: Serialize + Copy>(all: &[T], text: fn(T) -> &'static str) {
+            for v in all {
+                assert_eq!(serde_json::to_value(v).unwrap(), text(*v));
+            }
+        }
+        check(Role::ALL, Role::as_str);
+        check(Tier::ALL, Tier::as_str);
+        check(Status::ALL, Status::as_str);
+        check(Priority::ALL, Priority::as_str);
+        let schema = serde_json::to_value(Status::schema()).unwrap();
+        assert_eq!(
+            schema["enum"],
+            serde_json::json!(["pending", "in_progress", "completed"])
+        );
     }
 
     #[test]

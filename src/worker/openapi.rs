@@ -8,7 +8,10 @@ use utoipa::{
 };
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::AppState;
+use super::{
+    AppState,
+    error::{FieldError, Problem},
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +22,7 @@ use super::AppState;
                        `/api/v1/auth/login` or `/api/v1/auth/register`."
     ),
     modifiers(&BearerAuth),
+    components(schemas(Problem, FieldError)),
     tags(
         (name = "auth", description = "Registration, login and tokens"),
         (name = "users", description = "The caller, and user management for admins"),

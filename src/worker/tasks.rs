@@ -30,9 +30,15 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CreateTask {
     /// 1–200 characters.
-    #[schema(example = "Write the quarterly report")]
+    #[schema(
+        example = "Write the quarterly report",
+        min_length = 1,
+        max_length = 200,
+        pattern = r"\S"
+    )]
     title: String,
     /// Up to 10 000 characters.
+    #[schema(max_length = 10000)]
     description: Option<String>,
     /// Default `pending`.
     status: Option<Status>,
@@ -48,9 +54,10 @@ pub struct CreateTask {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpdateTask {
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     title: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 10000)]
     description: Option<Option<String>>,
     status: Option<Status>,
     priority: Option<Priority>,
@@ -68,28 +75,41 @@ pub struct UpdateTask {
 #[into_params(parameter_in = Query)]
 pub struct ListTasksQuery {
     /// Comma-separated statuses, e.g. `pending,in_progress`.
+    #[param(pattern = "^(pending|in_progress|completed)(,(pending|in_progress|completed))*$")]
     status: Option<String>,
     /// Comma-separated priorities, e.g. `high,urgent`.
+    #[param(pattern = "^(low|medium|high|urgent)(,(low|medium|high|urgent))*$")]
     priority: Option<String>,
     /// A category id, or `none` for tasks without a category.
+    #[param(
+        pattern = "^(none|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+    )]
     category_id: Option<String>,
     /// Only tasks due before this instant (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     due_before: Option<String>,
     /// Only tasks due after this instant (RFC 3339).
+    #[param(value_type = Option<DateTime<Utc>>)]
     due_after: Option<String>,
     /// Words (case-insensitive) that must each begin a word of the title or description.
     search: Option<String>,
     /// Comma-separated keys among `createdAt`, `updatedAt`, `dueAt`, `priority`, `title`, each
     /// optionally prefixed with `-` for descending. Default `-createdAt`. Tasks without a due
-    /// date sort last by `dueAt`.
+    /// date sort last by `dueAt`. A repeated key adds nothing and is ignored.
+    #[param(
+        pattern = "^-?(createdAt|updatedAt|dueAt|priority|title)(,-?(createdAt|updatedAt|dueAt|priority|title))*$"
+    )]
     sort: Option<String>,
     /// 1–100, default 20.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// Page number (≥ 1, default 1); not with `cursor`.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100000)]
     page: Option<String>,
     /// `nextCursor` of the previous page (same sort); empty to start a cursor walk.
     cursor: Option<String>,
     /// Admins only: list this user's tasks instead of their own.
+    #[param(value_type = Option<Uuid>)]
     owner_id: Option<String>,
 }
 

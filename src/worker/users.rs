@@ -29,9 +29,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpdateMe {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
+    #[schema(min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
     email: Option<String>,
     /// New password (at least 8 characters); needs `currentPassword`. Signs out every session.
+    #[schema(min_length = 8, max_length = 256)]
     password: Option<String>,
     current_password: Option<String>,
 }
@@ -40,7 +43,9 @@ pub struct UpdateMe {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
+    #[schema(min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
     email: Option<String>,
     role: Option<Role>,
     tier: Option<Tier>,
@@ -54,8 +59,10 @@ pub struct ListUsersQuery {
     /// Words that must all appear in the email or name (case-insensitive).
     search: Option<String>,
     /// 1–100, default 20.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// Page number (≥ 1, default 1); not with `cursor`.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100000)]
     page: Option<String>,
     /// `nextCursor` of the previous page; empty to start a cursor walk.
     cursor: Option<String>,

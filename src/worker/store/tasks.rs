@@ -250,7 +250,8 @@ impl Default for TaskSort {
 }
 
 impl TaskSort {
-    /// Parses `-createdAt,priority`; each key at most once.
+    /// Parses `-createdAt,priority`. A repeated key cannot change the order (its first
+    /// occurrence already decides every comparison it could), so repeats are dropped.
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         let mut keys = Vec::new();
         for part in raw.split(',') {
@@ -266,10 +267,9 @@ impl TaskSort {
                     ),
                 ));
             };
-            if keys.iter().any(|(k, _)| *k == key) {
-                return Err(FieldError::new("sort", format!("{name} is given twice")));
+            if !keys.iter().any(|(k, _)| *k == key) {
+                keys.push((key, desc));
             }
-            keys.push((key, desc));
         }
         Ok(Self(keys))
     }
@@ -372,7 +372,11 @@ mod tests {
         let sort = TaskSort::parse("-priority,dueAt,title").unwrap();
         assert_eq!(sort.tag(), "-priority,dueAt,title");
         assert_eq!(TaskSort::default().tag(), "-createdAt");
-        for bad in ["", "owner", "priority,-priority", "--title", "title,"] {
+        assert_eq!(
+            TaskSort::parse("title,-priority,-title").unwrap().tag(),
+            "title,-priority"
+        );
+        for bad in ["", "owner", "--title", "title,"] {
             assert!(TaskSort::parse(bad).is_err(), "{bad}");
         }
     }

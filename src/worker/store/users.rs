@@ -29,16 +29,13 @@ pub struct User {
     pub updated_at: DateTime<Utc>,
 }
 
-/// What login and token checks need.
+/// A user with what login and token issuing need.
 #[derive(Debug, Clone, FromRow)]
 pub struct Credentials {
-    pub id: Uuid,
+    #[sqlx(flatten)]
+    pub user: User,
     pub password_hash: String,
     pub token_version: i32,
-    #[sqlx(try_from = "String")]
-    pub role: Role,
-    #[sqlx(try_from = "String")]
-    pub tier: Tier,
 }
 
 /// Changes to a user; `None` leaves a field as it is.
@@ -91,18 +88,18 @@ pub async fn credentials_by_email(
     db: &PgPool,
     email: &str,
 ) -> Result<Option<Credentials>, ApiError> {
-    Ok(sqlx::query_as(
-        "SELECT id, password_hash, token_version, role, tier FROM users WHERE email = $1",
-    )
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS}, password_hash, token_version FROM users WHERE email = $1"
+    ))
     .bind(email)
     .fetch_optional(db)
     .await?)
 }
 
 pub async fn credentials(db: &PgPool, id: Uuid) -> Result<Option<Credentials>, ApiError> {
-    Ok(sqlx::query_as(
-        "SELECT id, password_hash, token_version, role, tier FROM users WHERE id = $1",
-    )
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS}, password_hash, token_version FROM users WHERE id = $1"
+    ))
     .bind(id)
     .fetch_optional(db)
     .await?)
