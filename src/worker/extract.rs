@@ -132,27 +132,16 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 }
 
 /// A query string decoded into `T` (a struct with `deny_unknown_fields` and text fields that the
-/// handler validates). Unknown, repeated or undecodable parameters are a 400. An empty value
-/// (`?status=`, as HTML forms send) means the parameter is absent, except `cursor`, where empty
-/// starts a cursor walk.
+/// handler validates). Unknown, repeated or undecodable parameters are a 400.
 pub struct Query<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let invalid =
-            |e: &dyn std::fmt::Display| ApiError::bad_request(format!("invalid query string: {e}"));
-        let pairs: Vec<(String, String)> =
-            serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).map_err(|e| invalid(&e))?;
-        let given: Vec<_> = pairs
-            .into_iter()
-            .filter(|(key, value)| !value.is_empty() || key == "cursor")
-            .collect();
-        let query = serde_urlencoded::to_string(&given).map_err(|e| invalid(&e))?;
-        serde_urlencoded::from_str(&query)
+        serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
             .map(Query)
-            .map_err(|e| invalid(&e))
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
     }
 }
 

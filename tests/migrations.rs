@@ -1,0 +1,112 @@
+//! `taskd::db::migrate`: creates a missing database, applies every migration once, and is safe to
+//! re-run and to run concurrently.
+
+mod common;
+
+use common::{TestDb, serve_app, test_config};
+use sqlx::PgPool;
+use taskd::config::DatabaseConfig;
+
+fn config(url: &str) -> DatabaseConfig {
+    DatabaseConfig {
+        url: url.to_owned(),
+        max_connections: 2,
+        ..DatabaseConfig::default()
+    }
+}
+
+/// The number of migration files shipped in `migrations/`.
+fn shipped() -> i64 {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "sql")
+        })
+        .count() as i64
+}
+
+async fn applied(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn tables(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name NOT LIKE '\\_sqlx%' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn creates_a_missing_database_and_reruns_cleanly() {
+    let database = TestDb::reserve();
+    assert!(!database.exists().await);
+
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    assert!(database.exists().await);
+    assert_eq!(applied(&pool).await, shipped());
+    assert_eq!(
+        tables(&pool).await,
+        ["categories", "refresh_tokens", "settings", "tasks", "users"]
+    );
+    pool.close().await;
+
+    // Again, on the migrated database: nothing to do, nothing broken.
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    assert_eq!(applied(&pool).await, shipped());
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, shipped(), "each migration recorded once");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn migrates_an_existing_empty_database() {
+    let database = TestDb::create().await;
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    assert_eq!(applied(&pool).await, shipped());
+    assert_eq!(tables(&pool).await.len(), 5);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrators_agree() {
+    let database = TestDb::reserve();
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let config = config(&database.url);
+            tokio::spawn(async move { taskd::db::migrate(&config).await.map(|_| ()) })
+        })
+        .collect();
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    assert_eq!(applied(&pool).await, shipped());
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_worker_serves_a_database_migrated_beforehand() {
+    let database = TestDb::reserve();
+    taskd::db::migrate(&config(&database.url))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let app = serve_app(test_config(&database.url), Some(database), false).await;
+    let session = app.register("ada@example.com").await;
+    app.get("/api/v1/me", session.token()).await.expect(200);
+}
