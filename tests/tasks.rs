@@ -294,6 +294,10 @@ async fn patch_validates_fields() {
         (json!({"dueAt": "soon"}), "dueAt"),
         (json!({"categoryId": Uuid::now_v7()}), "categoryId"),
         (json!({"id": Uuid::now_v7()}), "id"),
+        // `null` clears only nullable fields; for the others it is an error, not a no-op.
+        (json!({"title": null}), "title"),
+        (json!({"status": null}), "status"),
+        (json!({"priority": null}), "priority"),
     ];
     for (body, field) in &cases {
         let resp = app.patch(&path, token, body).await;

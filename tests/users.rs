@@ -81,6 +81,10 @@ async fn me_patch_validates_and_conflicts() {
         .patch("/api/v1/me", session.token(), &json!({"role": "admin"}))
         .await;
     assert_field_error(&resp, 422, "role");
+    let resp = app
+        .patch("/api/v1/me", session.token(), &json!({"name": null}))
+        .await;
+    assert_field_error(&resp, 422, "name");
     assert_eq!(
         app.get("/api/v1/me", session.token()).await.expect(200)["role"],
         "user"

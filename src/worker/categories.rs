@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{
     AppState,
     error::{ApiError, FieldError, FieldErrors, Problems},
-    extract::{Json, PathId, Query, double_option},
+    extract::{Json, PathId, Query, double_option, non_null},
     listing::{Listing, PageRequest, search_words},
     store::{self, categories::Category},
     tokens::AuthUser,
@@ -34,7 +34,8 @@ pub struct CreateCategory {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCategory {
-    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 1, max_length = 64, pattern = r"\S")]
     name: Option<String>,
     /// `#rrggbb`, or null to clear.
     #[serde(default, deserialize_with = "double_option")]

@@ -145,6 +145,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     }
 }
 
+/// Deserialises a PATCH field that may be absent (`None`) but not `null`: `null` clears only
+/// nullable fields, and a non-nullable one gets a 422 naming it instead of being ignored.
+pub fn non_null<'de, T, D>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    let value: Option<T> = serde::Deserialize::deserialize(deserializer)?;
+    value
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("must not be null"))
+}
+
 /// Deserialises a field that may be absent (outer `None`), `null` (`Some(None)`) or a value, so
 /// PATCH can tell "leave as is" from "clear".
 pub fn double_option<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>

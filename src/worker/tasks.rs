@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{
     AppState,
     error::{ApiError, FieldError, FieldErrors, Problems},
-    extract::{Json, PathId, Query, double_option},
+    extract::{Json, PathId, Query, double_option, non_null},
     listing::{Listing, PageRequest, search_words},
     model::{Priority, Status},
     store::{
@@ -54,12 +54,17 @@ pub struct CreateTask {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpdateTask {
-    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 1, max_length = 200, pattern = r"\S")]
     title: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>, max_length = 10000)]
     description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Status)]
     status: Option<Status>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Priority)]
     priority: Option<Priority>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<DateTime<Utc>>)]

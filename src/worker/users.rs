@@ -8,7 +8,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{
     AppState,
     error::{ApiError, FieldError, Problems},
-    extract::{Json, PathId, Query},
+    extract::{Json, PathId, Query, non_null},
     listing::{Listing, PageRequest, search_words},
     model::{Role, Tier, check_name, check_password, normalize_email},
     store::{
@@ -29,13 +29,18 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpdateMe {
-    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
-    #[schema(min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
     email: Option<String>,
     /// New password (at least 8 characters); needs `currentPassword`. Signs out every session.
-    #[schema(min_length = 8, max_length = 256)]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 8, max_length = 256)]
     password: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String)]
     current_password: Option<String>,
 }
 
@@ -43,11 +48,17 @@ pub struct UpdateMe {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
-    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 1, max_length = 100, pattern = r"\S")]
     name: Option<String>,
-    #[schema(min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = String, min_length = 3, max_length = 254, pattern = r"^[^@\s]+@[^@\s]+$")]
     email: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Role)]
     role: Option<Role>,
+    #[serde(default, deserialize_with = "non_null")]
+    #[schema(value_type = Tier)]
     tier: Option<Tier>,
 }
 
