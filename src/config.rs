@@ -38,6 +38,12 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Tokens and password hashing.
     pub auth: AuthConfig,
+    /// Response cache of task reads (Redis).
+    pub cache: CacheConfig,
+    /// Per-identity request limits and the failed-login limit (Redis).
+    pub rate_limit: RateLimitConfig,
+    /// `Idempotency-Key` handling of POST requests (Redis).
+    pub idempotency: IdempotencyConfig,
     /// The API process (`taskd worker`).
     pub worker: WorkerConfig,
     /// Logging.
@@ -90,6 +96,11 @@ pub struct RedisConfig {
     /// Upper bound on one Redis command; past it the request carries on without Redis. Default 250ms.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Consecutive failures after which Redis is skipped (circuit breaker open). Default 3.
+    pub breaker_failures: u32,
+    /// How long Redis is skipped before one probe may try it again. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for RedisConfig {
@@ -99,6 +110,92 @@ impl Default for RedisConfig {
             key_prefix: "taskd:".into(),
             pool_size: 4,
             command_timeout: Duration::from_millis(250),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Serve `GET /api/v1/tasks` and single-task reads from Redis. Default true.
+    pub enabled: bool,
+    /// Lifetime of an entry; writes invalidate entries at once regardless. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Enforce the limits. Default true.
+    pub enabled: bool,
+    /// The sliding window the limits count over. Default 1m.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests per window without a valid token, per client IP. Default 100.
+    pub anonymous: u64,
+    /// Requests per window for a user of tier `free`. Default 1000.
+    pub free: u64,
+    /// Requests per window for a user of tier `pro`. Default 10000.
+    pub pro: u64,
+    /// Requests per window for a user of tier `enterprise`. Default 100000.
+    pub enterprise: u64,
+    /// Failed logins allowed per (client IP, email) within `login_window`. Default 5.
+    pub login_attempts: u32,
+    /// Window of the failed-login limit. Default 15m.
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+    /// When Redis cannot answer: true lets requests through unlimited, false answers 503.
+    /// Default true.
+    pub fail_open: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: Duration::from_secs(60),
+            anonymous: 100,
+            free: 1_000,
+            pro: 10_000,
+            enterprise: 100_000,
+            login_attempts: 5,
+            login_window: Duration::from_secs(15 * 60),
+            fail_open: true,
+        }
+    }
+}
+
+/// `[idempotency]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// How long a finished response is kept for replay. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// When Redis cannot answer: true runs the request without the guarantee, false answers
+    /// 503. Default true.
+    pub fail_open: bool,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 3600),
+            fail_open: true,
         }
     }
 }
@@ -334,6 +431,31 @@ impl Config {
             self.worker.body_limit.as_u64() >= 1024,
             "worker.body_limit",
             "must be at least 1KiB",
+        )?;
+        check(
+            self.redis.breaker_failures >= 1,
+            "redis.breaker_failures",
+            "must be at least 1",
+        )?;
+        check(
+            !self.cache.ttl.is_zero(),
+            "cache.ttl",
+            "must be greater than zero",
+        )?;
+        check(
+            self.rate_limit.window >= Duration::from_secs(1),
+            "rate_limit.window",
+            "must be at least 1s",
+        )?;
+        check(
+            self.rate_limit.login_window >= Duration::from_secs(1),
+            "rate_limit.login_window",
+            "must be at least 1s",
+        )?;
+        check(
+            self.idempotency.ttl >= Duration::from_secs(1),
+            "idempotency.ttl",
+            "must be at least 1s",
         )?;
         check(
             tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),

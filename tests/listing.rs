@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use common::{
     Session, TestApp, assert_field_error, assert_problem,
     expect::{Task, expected_ids, matches_search, priority_rank},
-    keys, spawn_app, uuid,
+    keys, spawn_app, spawn_app_with, uuid,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Value, json};
@@ -116,7 +116,9 @@ fn seed() -> u64 {
 }
 
 async fn fixture(count: usize) -> Fixture {
-    let app = spawn_app().await;
+    // A fixture and its walks send well over a free user's 1 000 requests a minute; limits are
+    // tested in `rate_limit.rs`.
+    let app = spawn_app_with(|config| config.rate_limit.enabled = false).await;
     let session = app.register("ada@example.com").await;
     let token = session.access.clone();
     let seed = seed();

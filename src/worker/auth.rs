@@ -10,7 +10,9 @@ use super::{
     AppState,
     error::{ApiError, Problems},
     extract::Json,
+    middleware::ClientIp,
     model::{Role, Tier, check_name, check_password, normalize_email},
+    ratelimit::LoginGuard,
     store::{
         self,
         refresh_tokens::Consumed,
@@ -142,16 +144,26 @@ const BAD_CREDENTIALS: ApiError = ApiError::Unauthorized("invalid email or passw
     responses((status = 200, description = "Signed in", body = AuthResponse), Problems))]
 async fn login(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     Json(body): Json<LoginRequest>,
 ) -> Result<axum::Json<AuthResponse>, ApiError> {
-    let credentials = match normalize_email(&body.email) {
-        Ok(email) => store::users::credentials_by_email(&state.db, &email).await?,
+    let email = normalize_email(&body.email);
+    let guard = LoginGuard::new(
+        &state,
+        client,
+        email.as_deref().unwrap_or(body.email.as_str()),
+    );
+    guard.check(&state).await?;
+    let credentials = match &email {
+        Ok(email) => store::users::credentials_by_email(&state.db, email).await?,
         Err(_) => None,
     };
     let hash = credentials.as_ref().map(|c| c.password_hash.as_str());
     if !state.passwords.verify(&body.password, hash).await? {
+        guard.failed(&state).await;
         return Err(BAD_CREDENTIALS);
     }
+    guard.succeeded(&state).await;
     let Some(Credentials {
         user,
         token_version,

@@ -186,6 +186,8 @@ async fn delete_category(
     if !store::categories::delete(&state.db, me.id, id).await? {
         return Err(NO_CATEGORY);
     }
+    // Its tasks lost their category.
+    state.cache.invalidate(me.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

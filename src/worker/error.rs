@@ -128,6 +128,12 @@ pub enum ApiError {
     /// Well-formed but invalid fields (422).
     #[error("{} invalid field(s)", .0.len())]
     Validation(Vec<FieldError>),
+    /// Over a rate limit (429, with `Retry-After`).
+    #[error("{detail}")]
+    TooManyRequests {
+        detail: String,
+        retry_after: std::time::Duration,
+    },
     /// A dependency (PostgreSQL) is unavailable or too slow (503).
     #[error("{0}")]
     Unavailable(&'static str),
@@ -171,6 +177,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -187,6 +194,7 @@ impl ApiError {
             Self::PayloadTooLarge => "payload-too-large",
             Self::UnsupportedMediaType => "unsupported-media-type",
             Self::Validation(_) => "validation",
+            Self::TooManyRequests { .. } => "rate-limited",
             Self::Unavailable(_) => "service-unavailable",
             Self::Internal(_) => "internal",
         }
@@ -227,6 +235,17 @@ impl IntoResponse for ApiError {
                 "the request has invalid fields; see `errors`".to_owned(),
                 Some(errors),
             ),
+            Self::TooManyRequests {
+                detail,
+                retry_after,
+            } => {
+                let mut response = problem_response(status, slug, detail, None);
+                let seconds = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                return response;
+            }
             Self::Internal(ref cause) => {
                 let mut response = problem_response(
                     status,
@@ -325,6 +344,9 @@ pub enum Problems {
     /// Invalid fields, listed in `errors`.
     #[response(status = 422, content_type = "application/problem+json")]
     Validation(Problem),
+    /// Over a rate limit (with `Retry-After`).
+    #[response(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Problem),
     /// PostgreSQL is unavailable (with `Retry-After`).
     #[response(status = 503, content_type = "application/problem+json")]
     Unavailable(Problem),

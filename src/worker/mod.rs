@@ -3,18 +3,22 @@
 //! [`app`] builds the router so tests can serve it on any listener; [`run`] serves it until the
 //! shutdown token fires and in-flight requests finish.
 
+pub mod cache;
 pub mod error;
 pub mod extract;
 pub mod listing;
 pub mod model;
+pub mod ratelimit;
 pub mod redis;
 pub mod store;
 pub mod tokens;
 
+mod admin;
 mod auth;
 mod categories;
 mod health;
-mod middleware;
+mod idempotency;
+pub mod middleware;
 mod openapi;
 mod tasks;
 mod users;
@@ -38,8 +42,12 @@ pub struct AppState {
     pub db: PgPool,
     /// Pool for listings: `database.read_url` when set, else the primary.
     pub db_read: PgPool,
-    /// Shared ephemeral state (token revocations; cache and limits come with the Redis issue).
+    /// Shared ephemeral state: token revocations, cache, rate limits, idempotency keys.
     pub redis: redis::Redis,
+    /// Response cache of task reads.
+    pub cache: Arc<cache::Cache>,
+    /// Rate-limit scripts.
+    pub limiter: Arc<ratelimit::Limiter>,
     pub config: Arc<Config>,
     /// JWT keys, shared by every worker through `auth.jwt_secret` or the settings table.
     pub tokens: Arc<tokens::TokenKeys>,
@@ -77,6 +85,7 @@ impl AppState {
         let tokens = Arc::new(tokens::TokenKeys::new(&secret, &config.auth));
         let passwords = Arc::new(tokens::Passwords::new(&config.auth)?);
         let redis = redis::Redis::connect(&config.redis)?;
+        let cache = Arc::new(cache::Cache::new(redis.clone(), &config.cache));
         let instance = config
             .worker
             .instance_id
@@ -86,6 +95,8 @@ impl AppState {
             db,
             db_read,
             redis,
+            cache,
+            limiter: Arc::default(),
             tokens,
             passwords,
             instance: instance.into(),
@@ -106,13 +117,26 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Every documented route, with its OpenAPI description.
-fn routes() -> OpenApiRouter<AppState> {
-    let api = OpenApiRouter::new()
+/// Every documented route, with its OpenAPI description; with `state`, also the `/api/v1`
+/// middleware (rate limit outermost, then idempotency keys), which the document does not need.
+fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(users::router())
         .merge(categories::router())
-        .merge(tasks::router());
+        .merge(tasks::router())
+        .merge(admin::router());
+    if let Some(state) = state {
+        api = api
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                idempotency::idempotency,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                ratelimit::limit,
+            ));
+    }
     OpenApiRouter::with_openapi(openapi::base())
         .nest("/api/v1", api)
         .merge(health::router())
@@ -120,12 +144,12 @@ fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    routes(None).split_for_parts().1
 }
 
 /// The whole HTTP application: API, health, metrics and docs, with the observing middleware.
 pub fn app(state: AppState) -> Router {
-    let (router, spec) = routes().split_for_parts();
+    let (router, spec) = routes(Some(&state)).split_for_parts();
     router
         .merge(openapi::docs(spec))
         .fallback(middleware::not_found)

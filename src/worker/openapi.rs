@@ -28,6 +28,7 @@ use super::{
         (name = "users", description = "The caller, and user management for admins"),
         (name = "categories", description = "Per-user task categories"),
         (name = "tasks", description = "Tasks, with filtering, search, sorting and pagination"),
+        (name = "admin", description = "Deployment operations (admins)"),
         (name = "health", description = "Probes and metrics"),
     )
 )]

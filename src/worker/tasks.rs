@@ -1,6 +1,11 @@
 //! `/api/v1/tasks`: the caller's tasks, and the listing with filters, search, sort and paging.
 
-use axum::{extract::State, http::StatusCode};
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode, Uri},
+    response::Response,
+};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
@@ -9,6 +14,7 @@ use uuid::Uuid;
 
 use super::{
     AppState,
+    cache::canonical_query,
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
     listing::{Listing, PageRequest, search_words},
@@ -232,22 +238,37 @@ fn parse_listing(
 }
 
 /// List the caller's tasks (or, for admins, another user's with `ownerId`).
+/// Served from the shared cache when possible (`X-Cache: HIT|MISS|BYPASS`), with an `ETag`;
+/// `If-None-Match` with the current ETag answers 304.
 #[utoipa::path(get, path = "/tasks", tag = "tasks", security(("bearer" = [])),
-    params(ListTasksQuery), responses((status = 200, body = Listing<Task>), Problems))]
+    params(ListTasksQuery), responses(
+        (status = 200, body = Listing<Task>, headers(("ETag" = String), ("X-Cache" = String))),
+        (status = 304, description = "Not modified (the `If-None-Match` ETag is current)"),
+        Problems))]
 async fn list_tasks(
     State(state): State<AppState>,
     me: AuthUser,
     Query(query): Query<ListTasksQuery>,
-) -> Result<axum::Json<Listing<Task>>, ApiError> {
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if query.owner_id.is_some() {
         me.require_admin()?;
     }
     let (owner, filter, sort, page) = parse_listing(&query, &me)?;
-    let (rows, total) = store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
-    let tag = sort.tag();
-    Ok(axum::Json(Listing::new(&page, rows, total, &tag, |task| {
-        sort.position(task)
-    })))
+    let key = canonical_query(uri.query());
+    state
+        .cache
+        .get_or_load(owner, "tasks", &key, &headers, || async {
+            let (rows, total) =
+                store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
+            let tag = sort.tag();
+            let listing = Listing::new(&page, rows, total, &tag, |task| sort.position(task));
+            Ok(Bytes::from(
+                serde_json::to_vec(&listing).map_err(anyhow::Error::from)?,
+            ))
+        })
+        .await
 }
 
 /// Create a task.
@@ -277,22 +298,34 @@ async fn create_task(
         category_id: body.category_id,
     };
     let task = store::tasks::create(&state.db, me.id, &task).await?;
+    state.cache.invalidate(me.id).await;
     Ok((StatusCode::CREATED, axum::Json(task)))
 }
 
 /// One of the caller's tasks.
+/// Cached like the listing (`X-Cache`, `ETag`, 304).
 #[utoipa::path(get, path = "/tasks/{id}", tag = "tasks", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses((status = 200, body = Task), Problems))]
+    params(("id" = Uuid, Path)), responses(
+        (status = 200, body = Task, headers(("ETag" = String), ("X-Cache" = String))),
+        (status = 304, description = "Not modified (the `If-None-Match` ETag is current)"),
+        Problems))]
 async fn get_task(
     State(state): State<AppState>,
     me: AuthUser,
     PathId(id): PathId,
-) -> Result<axum::Json<Task>, ApiError> {
-    Ok(axum::Json(
-        store::tasks::get(&state.db, me.id, id)
-            .await?
-            .ok_or(NO_TASK)?,
-    ))
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state
+        .cache
+        .get_or_load(me.id, &format!("task:{id}"), "", &headers, || async {
+            let task = store::tasks::get(&state.db, me.id, id)
+                .await?
+                .ok_or(NO_TASK)?;
+            Ok(Bytes::from(
+                serde_json::to_vec(&task).map_err(anyhow::Error::from)?,
+            ))
+        })
+        .await
 }
 
 /// Change some fields of a task; `null` clears `description`, `dueAt` or `categoryId`.
@@ -324,6 +357,7 @@ async fn update_task(
     let task = store::tasks::update(&state.db, me.id, id, &changes)
         .await?
         .ok_or(NO_TASK)?;
+    state.cache.invalidate(me.id).await;
     Ok(axum::Json(task))
 }
 
@@ -338,5 +372,6 @@ async fn delete_task(
     if !store::tasks::delete(&state.db, me.id, id).await? {
         return Err(NO_TASK);
     }
+    state.cache.invalidate(me.id).await;
     Ok(StatusCode::NO_CONTENT)
 }

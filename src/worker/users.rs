@@ -121,6 +121,7 @@ async fn delete(state: &AppState, id: uuid::Uuid) -> Result<StatusCode, ApiError
         return Err(NO_USER);
     }
     tokens::publish_version(state, id, None).await;
+    state.cache.invalidate(id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,5 +1,7 @@
 //! The API test harness: [`spawn_app`] serves a real worker on port 0 over a fresh PostgreSQL
 //! database (dropped again with the [`TestApp`]) and real Redis under a per-test key prefix.
+//! [`TestApp::spawn_peer`] adds a second worker of the same deployment (same database and
+//! prefix), and [`RedisServer`] is a private Redis that a test can kill and start again.
 //!
 //! Every test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
@@ -8,8 +10,9 @@ pub mod expect;
 
 use std::{
     net::SocketAddr,
+    process::{Child, Command, Stdio},
     sync::{Once, mpsc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use reqwest::{
@@ -19,6 +22,7 @@ use reqwest::{
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
 use taskd::{config::Config, worker::AppState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -215,6 +219,118 @@ pub async fn serve_app(config: Config, database: Option<TestDb>, migrate: bool) 
         redis_prefix,
         shutdown,
         _database: database,
+    }
+}
+
+impl TestApp {
+    /// A second worker of the same deployment: same database and Redis key prefix (it shares
+    /// the cache, rate limits and idempotency keys), its own pool, Redis client and port.
+    pub async fn spawn_peer(&self) -> TestApp {
+        self.spawn_peer_with(|_| {}).await
+    }
+
+    /// [`TestApp::spawn_peer`] with `tweak` applied to a copy of this worker's configuration.
+    pub async fn spawn_peer_with(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = (*self.state.config).clone();
+        tweak(&mut config);
+        serve_app(config, None, false).await
+    }
+}
+
+/// A private `redis-server` on a free loopback port (no persistence), killed with this guard.
+/// [`RedisServer::kill`] then [`RedisServer::start`] make an outage; the port stays the same,
+/// so workers configured with [`RedisServer::url`] can reconnect by themselves.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers `PING`.
+    pub async fn spawn() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("finding a free port")
+            .port();
+        let mut server = Self { port, child: None };
+        server.start().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on its port, empty, and waits until it answers `PING`.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (is it installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers_ping().await {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, and its data
+    /// survives until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    async fn answers_ping(&self) -> bool {
+        let ping = async {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+            stream.write_all(b"PING\r\n").await?;
+            let mut reply = [0u8; 7];
+            stream.read_exact(&mut reply).await?;
+            Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), ping).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // A stopped process still dies of SIGKILL.
+        self.kill();
     }
 }
 

@@ -1,0 +1,407 @@
+//! Response cache for task reads, in Redis and shared by every worker.
+//!
+//! # Keys (all under `redis.key_prefix`; `{user}` is a cluster hash tag)
+//!
+//! - `cache:epoch`: deployment-wide generation, bumped by `POST /api/v1/admin/cache/clear`.
+//! - `cache:{<user>}:ver`: the user's version, bumped (`INCR`, O(1)) by every write that can
+//!   change one of their results.
+//! - `cache:{<user>}:<sha256 of kind + canonical query>`: an entry, stamped with the epoch and
+//!   version it was computed under. It is served only while both still match; anything else is
+//!   a miss. Stale entries are never swept: they are overwritten or expire (`cache.ttl`).
+//!
+//! The stamp is the version read *before* the database query, so a write that lands during the
+//! query makes the fresh entry stale at once: a write is visible to the very next read on any
+//! worker. If a bump cannot reach Redis, this worker refuses to use the cache (BYPASS) until it
+//! has bumped the epoch, which retires every entry that could be stale. A worker does the same
+//! after it found Redis unreachable (its circuit breaker opened), even if it wrote nothing:
+//! other workers' bumps may have been lost in that outage too.
+//!
+//! Concurrent misses of one key (under one stamp) in a worker wait for a single database query
+//! (single flight).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use fred::types::scripts::Script;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{error::ApiError, redis::Redis};
+use crate::config::CacheConfig;
+
+pub const X_CACHE: &str = "x-cache";
+
+/// `INCR` + `EXPIRE` in one atomic step, so a version key never lingers without a TTL.
+const BUMP: &str =
+    "local v = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], ARGV[1]) return v";
+
+/// A cached response body and its validator.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub etag: HeaderValue,
+    pub body: Bytes,
+}
+
+impl Cached {
+    pub fn new(body: Bytes) -> Self {
+        let digest = Sha256::digest(&body);
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let etag = HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header");
+        Self { etag, body }
+    }
+
+    /// The response: 304 when `If-None-Match` names this entity, else 200 with the JSON body.
+    pub fn respond(&self, request: &HeaderMap, outcome: &'static str) -> Response {
+        let mut response = if not_modified(request, &self.etag) {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                self.body.clone(),
+            )
+                .into_response()
+        };
+        let headers = response.headers_mut();
+        headers.insert(header::ETAG, self.etag.clone());
+        headers.insert(X_CACHE, HeaderValue::from_static(outcome));
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
+        );
+        response
+    }
+}
+
+/// RFC 9110 §13.1.2: weak comparison, `*` matches anything.
+fn not_modified(request: &HeaderMap, etag: &HeaderValue) -> bool {
+    let ours = etag.to_str().unwrap_or_default();
+    request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == "*" || tag == ours)
+}
+
+/// The cache of one worker process.
+pub struct Cache {
+    redis: Redis,
+    enabled: bool,
+    ttl: Duration,
+    bump: Script,
+    /// Set when a bump could not reach Redis: until the epoch is bumped, entries may be stale.
+    dirty: AtomicBool,
+    /// The number of Redis outages ([`Redis::outages`]) already followed by an epoch bump.
+    outages_cleared: AtomicU64,
+    /// Misses being computed, by entry key: followers wait for the leader's result.
+    inflight: Mutex<HashMap<String, watch::Receiver<Option<Cached>>>>,
+}
+
+/// The stamp of an entry: epoch and user version.
+type Stamp = (i64, i64);
+
+impl Cache {
+    pub fn new(redis: Redis, config: &CacheConfig) -> Self {
+        Self {
+            redis,
+            enabled: config.enabled,
+            ttl: config.ttl,
+            bump: Script::from_lua(BUMP),
+            dirty: AtomicBool::new(false),
+            outages_cleared: AtomicU64::new(0),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn epoch_key(&self) -> String {
+        self.redis.key("cache:epoch")
+    }
+
+    fn version_key(&self, user: Uuid) -> String {
+        self.redis.key(&format!("cache:{{{user}}}:ver"))
+    }
+
+    fn entry_key(&self, user: Uuid, kind: &str, query: &str) -> String {
+        let digest = Sha256::digest(format!("{kind}\n{query}").as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.redis.key(&format!("cache:{{{user}}}:{hex}"))
+    }
+
+    /// Makes every cached read of `user` stale. Called after each write that can change one.
+    pub async fn invalidate(&self, user: Uuid) {
+        if !self.enabled {
+            return;
+        }
+        // Versions outlive every entry stamped with them.
+        let keep = (self.ttl * 2)
+            .max(Duration::from_secs(3600))
+            .as_secs()
+            .to_string();
+        let bumped: Result<i64, _> = self
+            .redis
+            .script(&self.bump, vec![self.version_key(user)], vec![keep])
+            .await;
+        if let Err(error) = bumped {
+            tracing::warn!(%error, %user, "cache invalidation did not reach Redis; bypassing the cache until the epoch is bumped");
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Retires every entry of this deployment (new epoch), without touching other keys.
+    pub async fn clear(&self) -> Result<(), ApiError> {
+        let keep = Duration::from_secs(400 * 86_400).as_secs().to_string();
+        self.redis
+            .script::<i64>(&self.bump, vec![self.epoch_key()], vec![keep])
+            .await
+            .map(|_| ())
+            .map_err(|_| ApiError::Unavailable("Redis is unavailable; the cache was not cleared"))
+    }
+
+    /// Bumps the epoch after a missed invalidation or an outage; whether the cache is usable now.
+    async fn usable(&self) -> bool {
+        if !self.enabled || self.redis.is_open() {
+            return false;
+        }
+        let outages = self.redis.outages();
+        if !self.dirty.load(Ordering::Acquire)
+            && self.outages_cleared.load(Ordering::Acquire) == outages
+        {
+            return true;
+        }
+        if self.clear().await.is_ok() {
+            self.dirty.store(false, Ordering::Release);
+            self.outages_cleared.fetch_max(outages, Ordering::AcqRel);
+            tracing::info!(
+                "cache epoch bumped after a Redis outage or missed invalidation; cache back in use"
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Serves `kind` + `query` of `user` from the cache, or computes it with `load` (the JSON
+    /// body) and stores it. Errors of `load` pass through uncached.
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        user: Uuid,
+        kind: &str,
+        query: &str,
+        request: &HeaderMap,
+        load: F,
+    ) -> Result<Response, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>>,
+    {
+        if !self.usable().await {
+            metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
+            return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
+        }
+        let entry_key = self.entry_key(user, kind, query);
+        let keys = vec![self.epoch_key(), self.version_key(user), entry_key.clone()];
+        let stamp = match self.redis.mget(keys).await {
+            Ok(values) => {
+                let number = |v: &Option<Bytes>| {
+                    v.as_deref()
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .unwrap_or(0)
+                };
+                let stamp = (number(&values[0]), number(&values[1]));
+                if let Some(cached) = values[2].as_ref().and_then(|raw| decode(raw, stamp)) {
+                    metrics::counter!("cache_requests_total", "outcome" => "hit").increment(1);
+                    return Ok(cached.respond(request, "HIT"));
+                }
+                stamp
+            }
+            Err(_) => {
+                metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
+                return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
+            }
+        };
+        metrics::counter!("cache_requests_total", "outcome" => "miss").increment(1);
+        let cached = self.single_flight(&entry_key, stamp, load).await?;
+        Ok(cached.respond(request, "MISS"))
+    }
+
+    /// Runs `load` and stores its result under `stamp`, unless the same key is already loading
+    /// under the same stamp in this worker; then waits for that result instead (and loads itself
+    /// only if the leader failed). A load under an older stamp may predate a write this request
+    /// must see, so it is not followed.
+    async fn single_flight<F, Fut>(
+        &self,
+        key: &str,
+        stamp: Stamp,
+        load: F,
+    ) -> Result<Cached, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>>,
+    {
+        enum Role {
+            Lead(watch::Sender<Option<Cached>>),
+            Follow(watch::Receiver<Option<Cached>>),
+        }
+        let flight = format!("{key} {} {}", stamp.0, stamp.1);
+        let role = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            match inflight.get(&flight) {
+                Some(receiver) => Role::Follow(receiver.clone()),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    inflight.insert(flight.clone(), receiver);
+                    Role::Lead(sender)
+                }
+            }
+        };
+        match role {
+            Role::Lead(sender) => self.lead(key, &flight, stamp, sender, load).await,
+            Role::Follow(mut receiver) => {
+                let shared = receiver
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|r| r.clone());
+                match shared {
+                    Some(cached) => Ok(cached),
+                    // The leader failed or was dropped: load for ourselves.
+                    None => Ok(Cached::new(load().await?)),
+                }
+            }
+        }
+    }
+
+    async fn lead<F, Fut>(
+        &self,
+        key: &str,
+        flight: &str,
+        stamp: Stamp,
+        sender: watch::Sender<Option<Cached>>,
+        load: F,
+    ) -> Result<Cached, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>>,
+    {
+        // Removes the entry however this ends (error, or the request being dropped).
+        struct Done<'a>(
+            &'a Mutex<HashMap<String, watch::Receiver<Option<Cached>>>>,
+            &'a str,
+        );
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.lock().expect("inflight lock").remove(self.1);
+            }
+        }
+        let _done = Done(&self.inflight, flight);
+        // This request's miss may have been read just before a previous leader stored the entry
+        // and left `inflight`: look again rather than query the database a second time.
+        let stored = self.redis.get_bytes(key).await.ok().flatten();
+        if let Some(cached) = stored.and_then(|raw| decode(&raw, stamp)) {
+            let _ = sender.send(Some(cached.clone()));
+            return Ok(cached);
+        }
+        let cached = Cached::new(load().await?);
+        let _ = sender.send(Some(cached.clone()));
+        // Stored before the flight ends, so a request that misses later finds the entry.
+        if let Err(error) = self
+            .redis
+            .set_bytes(key, encode(stamp, &cached), self.ttl)
+            .await
+        {
+            tracing::debug!(%error, "could not store a cache entry");
+        }
+        Ok(cached)
+    }
+}
+
+/// Entry layout: `<epoch> <version> <etag>\n<body>`.
+fn encode(stamp: Stamp, cached: &Cached) -> Bytes {
+    let etag = cached.etag.to_str().unwrap_or_default();
+    let head = format!("{} {} {etag}\n", stamp.0, stamp.1);
+    let mut out = BytesMut::with_capacity(head.len() + cached.body.len());
+    out.put_slice(head.as_bytes());
+    out.put_slice(&cached.body);
+    out.freeze()
+}
+
+/// The entry when its stamp is `current`.
+fn decode(raw: &Bytes, current: Stamp) -> Option<Cached> {
+    let newline = raw.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&raw[..newline]).ok()?;
+    let mut parts = head.split(' ');
+    let epoch: i64 = parts.next()?.parse().ok()?;
+    let version: i64 = parts.next()?.parse().ok()?;
+    let etag = HeaderValue::from_str(parts.next()?).ok()?;
+    ((epoch, version) == current).then(|| Cached {
+        etag,
+        body: raw.slice(newline + 1..),
+    })
+}
+
+/// The query string with parameters sorted, so equivalent queries share an entry.
+pub fn canonical_query(query: Option<&str>) -> String {
+    let mut pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or_default();
+    pairs.sort();
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_served_only_under_their_stamp() {
+        let cached = Cached::new(Bytes::from_static(b"{\"data\":[]}"));
+        let raw = encode((2, 7), &cached);
+        let back = decode(&raw, (2, 7)).unwrap();
+        assert_eq!(back.body, cached.body);
+        assert_eq!(back.etag, cached.etag);
+        assert!(decode(&raw, (2, 8)).is_none(), "user version bumped");
+        assert!(decode(&raw, (3, 7)).is_none(), "epoch bumped");
+        assert!(decode(&Bytes::from_static(b"garbage"), (0, 0)).is_none());
+    }
+
+    #[test]
+    fn if_none_match_uses_weak_comparison() {
+        let etag = HeaderValue::from_static("\"abc\"");
+        let mut headers = HeaderMap::new();
+        assert!(!not_modified(&headers, &etag));
+        headers.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"x\", W/\"abc\""),
+        );
+        assert!(not_modified(&headers, &etag));
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert!(not_modified(&headers, &etag));
+    }
+
+    #[test]
+    fn canonical_query_sorts_parameters() {
+        assert_eq!(
+            canonical_query(Some("sort=title&limit=5&status=pending")),
+            canonical_query(Some("status=pending&sort=title&limit=5"))
+        );
+        assert_ne!(
+            canonical_query(Some("limit=5")),
+            canonical_query(Some("limit=6"))
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! Rate limits shared by all workers: a sliding-window counter per identity in Redis, checked
+//! and counted by one Lua script so concurrent requests through any number of workers can never
+//! admit more than the limit.
+//!
+//! The identity is the user of a validly signed access token (limit by tier), else the client IP
+//! (anonymous limit). Every `/api/v1` response carries `RateLimit-Limit`, `RateLimit-Remaining`
+//! and `RateLimit-Reset`; a 429 adds `Retry-After`. When Redis cannot answer, requests pass
+//! (`rate_limit.fail_open`, default) without the headers, or get a 503.
+//!
+//! Failed logins are limited separately, per (client IP, email): see [`LoginGuard`].
+
+use std::{net::IpAddr, time::Duration};
+
+use axum::{
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use chrono::Utc;
+use fred::types::scripts::Script;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{AppState, error::ApiError, middleware::ClientIp, model::Tier};
+use crate::config::RateLimitConfig;
+
+/// Sliding-window counter: the previous window's count, weighted by how much of it still
+/// overlaps the sliding window, plus the current window's count.
+/// KEYS: current window, previous window. ARGV: limit, window ms, ms elapsed in the window.
+/// Returns {admitted (0|1), current count (after counting), previous count}.
+const SLIDING_WINDOW: &str = r"
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local elapsed = tonumber(ARGV[3])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+local used = math.floor(previous * (window - elapsed) / window) + current
+if used >= limit then
+  return {0, current, previous}
+end
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], window * 2)
+return {1, current + 1, previous}
+";
+
+/// Counts a failed login and starts its window on the first one. KEYS: counter. ARGV: window s.
+const COUNT_FAILURE: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+";
+
+/// Who a request is counted against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    User { id: Uuid, tier: Tier },
+    Anonymous(IpAddr),
+}
+
+impl Identity {
+    /// The user of a validly signed bearer token, else the client address. Revocation is not
+    /// checked here (that costs a lookup): a revoked token still counts against its user.
+    pub fn of(state: &AppState, headers: &HeaderMap, client: IpAddr) -> Self {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .and_then(|(_, token)| state.tokens.decode(token.trim()).ok())
+            .map(|claims| Identity::User {
+                id: claims.sub,
+                tier: claims.tier,
+            })
+            .unwrap_or(Identity::Anonymous(client))
+    }
+
+    /// Stable text form, used in Redis keys.
+    pub fn key(&self) -> String {
+        match self {
+            Identity::User { id, .. } => format!("u:{id}"),
+            Identity::Anonymous(ip) => format!("ip:{ip}"),
+        }
+    }
+
+    fn limit(&self, config: &RateLimitConfig) -> u64 {
+        match self {
+            Identity::User {
+                tier: Tier::Free, ..
+            } => config.free,
+            Identity::User {
+                tier: Tier::Pro, ..
+            } => config.pro,
+            Identity::User {
+                tier: Tier::Enterprise,
+                ..
+            } => config.enterprise,
+            Identity::Anonymous(_) => config.anonymous,
+        }
+    }
+}
+
+/// The per-process handles: compiled scripts.
+pub struct Limiter {
+    window: Script,
+    failure: Script,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self {
+            window: Script::from_lua(SLIDING_WINDOW),
+            failure: Script::from_lua(COUNT_FAILURE),
+        }
+    }
+}
+
+/// The state of one identity's window after a request.
+#[derive(Debug, PartialEq, Eq)]
+struct Decision {
+    admitted: bool,
+    limit: u64,
+    remaining: u64,
+    /// Until the current window ends.
+    reset: Duration,
+    /// Until a request would be admitted again (only meaningful when refused).
+    retry_after: Duration,
+}
+
+fn decide(
+    limit: u64,
+    window_ms: u64,
+    elapsed_ms: u64,
+    admitted: bool,
+    current: u64,
+    previous: u64,
+) -> Decision {
+    let weighted =
+        |prev: u64, elapsed: u64| prev * (window_ms - elapsed.min(window_ms)) / window_ms;
+    let used = weighted(previous, elapsed_ms) + current;
+    let reset_ms = window_ms - elapsed_ms;
+    // Smallest wait after which the estimate drops below the limit.
+    let retry_ms = if current < limit {
+        // Within this window, as the previous window's weight decays.
+        let allowed_prev = limit - current; // weighted(previous) must fall below this
+        let needed_overlap = (allowed_prev * window_ms).div_ceil(previous.max(1));
+        (window_ms - elapsed_ms)
+            .saturating_sub(needed_overlap.saturating_sub(1))
+            .max(1)
+    } else {
+        // This window is full: in the next one, `current` becomes the decaying previous count.
+        let needed_overlap = (limit * window_ms).div_ceil(current.max(1));
+        reset_ms + (window_ms - needed_overlap.saturating_sub(1).min(window_ms))
+    };
+    Decision {
+        admitted,
+        limit,
+        remaining: limit.saturating_sub(used),
+        reset: Duration::from_millis(reset_ms),
+        retry_after: Duration::from_millis(retry_ms),
+    }
+}
+
+fn seconds_up(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+fn put_headers(headers: &mut HeaderMap, decision: &Decision) {
+    headers.insert("ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "ratelimit-reset",
+        HeaderValue::from(seconds_up(decision.reset)),
+    );
+}
+
+/// Middleware for `/api/v1`: counts the request and refuses it with 429 past the limit.
+pub async fn limit(
+    State(state): State<AppState>,
+    ClientIp(client): ClientIp,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let identity = Identity::of(&state, request.headers(), client);
+    request.extensions_mut().insert(identity.clone());
+    let config = &state.config.rate_limit;
+    if !config.enabled {
+        return next.run(request).await;
+    }
+    let limit = identity.limit(config);
+    let window_ms = config.window.as_millis().max(1) as u64;
+    let now_ms = Utc::now().timestamp_millis() as u64;
+    let index = now_ms / window_ms;
+    let elapsed_ms = now_ms % window_ms;
+    let base = format!("rl:{{{}}}:", identity.key());
+    let keys = vec![
+        state.redis.key(&format!("{base}{index}")),
+        state.redis.key(&format!("{base}{}", index - 1)),
+    ];
+    let args = vec![
+        limit.to_string(),
+        window_ms.to_string(),
+        elapsed_ms.to_string(),
+    ];
+    let result: Result<(u64, u64, u64), _> =
+        state.redis.script(&state.limiter.window, keys, args).await;
+    let decision = match result {
+        Ok((admitted, current, previous)) => decide(
+            limit,
+            window_ms,
+            elapsed_ms,
+            admitted == 1,
+            current,
+            previous,
+        ),
+        Err(error) if config.fail_open => {
+            tracing::debug!(%error, "rate limit skipped: Redis unavailable");
+            return next.run(request).await;
+        }
+        Err(_) => {
+            return ApiError::Unavailable("rate limiting is unavailable; retry shortly")
+                .into_response();
+        }
+    };
+    if !decision.admitted {
+        metrics::counter!("rate_limited_total", "kind" => "request").increment(1);
+        let mut response = ApiError::TooManyRequests {
+            detail: format!(
+                "rate limit of {limit} requests per {} exceeded",
+                humantime::format_duration(config.window)
+            ),
+            retry_after: decision.retry_after,
+        }
+        .into_response();
+        put_headers(response.headers_mut(), &decision);
+        return response;
+    }
+    let mut response = next.run(request).await;
+    put_headers(response.headers_mut(), &decision);
+    response
+}
+
+/// The failed-login limit for one (client IP, email).
+pub struct LoginGuard {
+    key: String,
+}
+
+impl LoginGuard {
+    pub fn new(state: &AppState, client: IpAddr, email: &str) -> Self {
+        let digest = Sha256::digest(email.as_bytes());
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            key: state.redis.key(&format!("login:{{{client}}}:{hex}")),
+        }
+    }
+
+    /// 429 when this pair has used up its failed attempts.
+    pub async fn check(&self, state: &AppState) -> Result<(), ApiError> {
+        let config = &state.config.rate_limit;
+        if !config.enabled {
+            return Ok(());
+        }
+        match state.redis.get_i64(&self.key).await {
+            Ok(Some(failures)) if failures >= i64::from(config.login_attempts) => {
+                metrics::counter!("rate_limited_total", "kind" => "login").increment(1);
+                let wait = state
+                    .redis
+                    .ttl(&self.key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(config.login_window);
+                Err(ApiError::TooManyRequests {
+                    detail: format!(
+                        "too many failed logins; try again in {}",
+                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                    ),
+                    retry_after: wait,
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(_) if config.fail_open => Ok(()),
+            Err(_) => Err(ApiError::Unavailable(
+                "rate limiting is unavailable; retry shortly",
+            )),
+        }
+    }
+
+    pub async fn failed(&self, state: &AppState) {
+        let config = &state.config.rate_limit;
+        if config.enabled {
+            let window = config.login_window.as_secs().max(1).to_string();
+            let _: Result<i64, _> = state
+                .redis
+                .script(&state.limiter.failure, vec![self.key.clone()], vec![window])
+                .await;
+        }
+    }
+
+    pub async fn succeeded(&self, state: &AppState) {
+        if state.config.rate_limit.enabled {
+            let _ = state.redis.del(&self.key).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_counts_the_weighted_previous_window() {
+        // Half-way through the window, 40 of the previous window's 100 still count.
+        let d = decide(100, 60_000, 36_000, true, 10, 100);
+        assert_eq!(d.remaining, 100 - 40 - 10);
+        assert_eq!(d.reset, Duration::from_secs(24));
+    }
+
+    #[test]
+    fn retry_after_waits_until_the_estimate_drops_below_the_limit() {
+        // Current window full at its start: next window, then until 100 * overlap < 100.
+        let d = decide(100, 60_000, 0, false, 100, 0);
+        assert!(!d.admitted);
+        let wait = d.retry_after.as_millis() as u64;
+        assert!(wait > 60_000 && wait <= 60_600, "{wait}");
+        // After waiting, the estimate is below the limit.
+        let later = 60_000 + (wait - 60_000);
+        let elapsed = later - 60_000;
+        assert!(100 * (60_000 - elapsed) / 60_000 < 100);
+        // Previous window full, nothing yet in this one: wait for the weight to decay.
+        let d = decide(10, 10_000, 0, false, 0, 10);
+        let wait = d.retry_after.as_millis() as u64;
+        assert!((1..=1_000).contains(&wait), "{wait}");
+        assert!(10 * (10_000 - wait) / 10_000 < 10);
+    }
+}
