@@ -23,7 +23,8 @@ if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
 BIN=${TASKD_BIN:-target/release/taskd}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
-export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="load:$$:" TASKD_AUTH__ACCESS_TTL=1h
+export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="load:$$:" TASKD_AUTH__ACCESS_TTL=1h \
+  TASKD_RATE_LIMIT__ENABLED=false
 $BIN --log-level warn worker --host 127.0.0.1 --port "$PORT" >"$OUT/worker.log" 2>&1 &
 WORKER=$!
 trap 'kill $WORKER 2>/dev/null || true; wait $WORKER 2>/dev/null || true' EXIT
