@@ -1,6 +1,11 @@
 //! The command line: parses flags into configuration overrides and runs the chosen role.
 
-use std::{io::BufRead, net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    io::BufRead,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -30,6 +35,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the load balancer alone, in front of workers anywhere.
+    Proxy(ProxyArgs),
     /// Run the API alone (default 0.0.0.0:3000); applies pending migrations first.
     Worker(WorkerArgs),
     /// Apply pending database migrations (creating the database when missing) and exit.
@@ -41,6 +48,23 @@ pub enum Command {
     Config,
     /// Load realistic demo or benchmark data: users with categories and tasks.
     Seed(SeedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address clients connect to (overrides proxy.listen) [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// An upstream worker, `http://host:port`; repeat for each. Replaces proxy.upstreams.
+    #[arg(long = "upstream", value_name = "URL", value_parser = parse_upstream)]
+    pub upstreams: Vec<String>,
+    /// Address of /status and /metrics (overrides admin.listen) [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+}
+
+fn parse_upstream(raw: &str) -> Result<String, String> {
+    crate::config::parse_upstream_url(raw)
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +142,20 @@ impl Cli {
                 worker.insert("instance_id".into(), json!(id));
             }
         }
-        json!({ "telemetry": telemetry, "worker": worker })
+        let mut proxy = serde_json::Map::new();
+        let mut admin = serde_json::Map::new();
+        if let Command::Proxy(args) = &self.command {
+            if let Some(listen) = args.listen {
+                proxy.insert("listen".into(), json!(listen));
+            }
+            if !args.upstreams.is_empty() {
+                proxy.insert("upstreams".into(), json!(args.upstreams));
+            }
+            if let Some(listen) = args.admin_listen {
+                admin.insert("listen".into(), json!(listen));
+            }
+        }
+        json!({ "telemetry": telemetry, "worker": worker, "proxy": proxy, "admin": admin })
     }
 }
 
@@ -136,10 +173,15 @@ pub fn run(cli: Cli) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     crate::telemetry::init(&config.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy serves clients on threads of its own; its main runtime only runs health checks,
+    // the admin listener and (under `serve`) the supervisor, so one thread is enough.
+    let runtime = match &cli.command {
+        Command::Proxy(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("taskd: cannot start the async runtime: {error}");
@@ -160,6 +202,7 @@ pub fn run(cli: Cli) -> ExitCode {
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Worker(_) => crate::worker::run(config).await,
+        Command::Proxy(_) => crate::proxy::run(config, crate::shutdown::on_signal()).await,
         Command::Migrate => {
             crate::db::migrate(&config.database).await?;
             tracing::info!("migrations applied");

@@ -7,7 +7,11 @@
 //! Unknown keys and invalid values are rejected with a message naming the key,
 //! so a typo never silently falls back to a default.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use bytesize::ByteSize;
 use figment::{
@@ -46,6 +50,12 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     /// The API process (`taskd worker`).
     pub worker: WorkerConfig,
+    /// The load balancer (`taskd proxy`, and inside `taskd serve`).
+    pub proxy: ProxyConfig,
+    /// The operator listener of the proxy: `/status`, `/metrics`, dashboard.
+    pub admin: AdminConfig,
+    /// The local cluster (`taskd serve`): worker processes, probes, restarts.
+    pub supervisor: SupervisorConfig,
     /// Logging.
     pub telemetry: TelemetryConfig,
 }
@@ -275,6 +285,212 @@ impl Default for WorkerConfig {
     }
 }
 
+/// How the proxy picks an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Each healthy upstream in turn.
+    RoundRobin,
+    /// The healthy upstream with the fewest requests in flight (ties in turn).
+    LeastConn,
+}
+
+impl Strategy {
+    /// The configuration spelling, as shown in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConn => "least_conn",
+        }
+    }
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Upstream base URLs (`http://host:port`; host names are resolved on each new
+    /// connection). Default none; `taskd proxy --upstream` flags replace them, `taskd serve` sets its own.
+    pub upstreams: Vec<String>,
+    /// `round_robin` (default) or `least_conn`.
+    pub strategy: Strategy,
+    /// Threads serving clients, each with its own runtime and `SO_REUSEPORT` listener.
+    /// Default 0: one per CPU.
+    pub threads: usize,
+    /// Longest wait for a TCP connection to an upstream. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers before answering 504. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections (client side and pooled upstream side) are closed after
+    /// this long. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Extra tries on other upstreams after a failure that is safe to retry. Default 2.
+    pub retries: u32,
+    /// Largest request body kept in memory so that a request which reached an upstream can
+    /// be retried (idempotent methods and POSTs with `Idempotency-Key`); larger bodies are
+    /// streamed and only retried when they never left the proxy. Default 1MiB.
+    pub retry_body_limit: ByteSize,
+    /// Idle upstream connections kept per upstream and thread. Default 256.
+    pub max_idle_per_upstream: usize,
+    /// Peers whose `X-Forwarded-For` is extended rather than replaced (CIDRs). Default none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long in-flight requests may run after SIGTERM before the proxy exits anyway.
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Active health checks.
+    pub health: HealthCheckConfig,
+    /// Passive health: ejection after repeated failures of real requests.
+    pub passive: PassiveHealthConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            upstreams: Vec::new(),
+            strategy: Strategy::RoundRobin,
+            threads: 0,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            retries: 2,
+            retry_body_limit: ByteSize::mib(1),
+            max_idle_per_upstream: 256,
+            trusted_proxies: Vec::new(),
+            shutdown_timeout: Duration::from_secs(10),
+            health: HealthCheckConfig::default(),
+            passive: PassiveHealthConfig::default(),
+        }
+    }
+}
+
+/// `[proxy.health]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Path probed with GET on each upstream. Default `/health/ready`.
+    pub path: String,
+    /// Time between probes of one upstream (plus up to 10 % jitter). Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A probe not answered 2xx within this is a failure. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passing probes that make an unhealthy upstream healthy. Default 2.
+    pub rise: u32,
+    /// Consecutive failing probes that make a healthy upstream unhealthy. Default 2.
+    pub fall: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: "/health/ready".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// `[proxy.passive]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveHealthConfig {
+    /// Failed requests (connection errors, timeouts) within `fail_timeout` that eject an
+    /// upstream; 0 disables ejection. Default 3.
+    pub max_fails: u32,
+    /// The window failures are counted in, and how long an ejected upstream gets no
+    /// requests. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub fail_timeout: Duration,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        Self {
+            max_fails: 3,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of `/status`, `/metrics` and the dashboard. Default `127.0.0.1:8081`: keep it
+    /// off public addresses, it has no authentication.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+        }
+    }
+}
+
+/// `[supervisor]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// Worker processes. Default 4.
+    pub instances: u16,
+    /// First worker port; workers listen on 127.0.0.1 `base_port..base_port+instances-1`.
+    /// Default 3000.
+    pub base_port: u16,
+    /// Time between liveness probes (`GET /health/live`) of one worker. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe not answered within this is a failure. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Consecutive failed probes after which a worker is restarted. Default 3.
+    pub probe_threshold: u32,
+    /// Time between SIGTERM and SIGKILL when a worker is stopped. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// Longest a new worker may take to become ready before it counts as failed. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// Wait before the second restart of a crash-looping worker; doubles on each further
+    /// crash (the first restart is immediate). Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest wait between restarts. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A worker up this long has its backoff reset. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub min_uptime: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            instances: 4,
+            base_port: 3000,
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
+            probe_threshold: 3,
+            grace_period: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            min_uptime: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -457,6 +673,78 @@ impl Config {
             "idempotency.ttl",
             "must be at least 1s",
         )?;
+        for upstream in &self.proxy.upstreams {
+            check(
+                parse_upstream_url(upstream).is_ok(),
+                "proxy.upstreams",
+                &format!("has {upstream:?}, which is not an http://host:port URL"),
+            )?;
+        }
+        for (ok, key) in [
+            (self.proxy.threads <= 256, "proxy.threads"),
+            (
+                !self.proxy.connect_timeout.is_zero(),
+                "proxy.connect_timeout",
+            ),
+            (
+                !self.proxy.response_timeout.is_zero(),
+                "proxy.response_timeout",
+            ),
+            (!self.proxy.idle_timeout.is_zero(), "proxy.idle_timeout"),
+            (self.proxy.retries <= 16, "proxy.retries"),
+            (self.proxy.health.path.starts_with('/'), "proxy.health.path"),
+            (
+                !self.proxy.health.interval.is_zero(),
+                "proxy.health.interval",
+            ),
+            (!self.proxy.health.timeout.is_zero(), "proxy.health.timeout"),
+            (self.proxy.health.rise >= 1, "proxy.health.rise"),
+            (self.proxy.health.fall >= 1, "proxy.health.fall"),
+            (
+                !self.proxy.passive.fail_timeout.is_zero(),
+                "proxy.passive.fail_timeout",
+            ),
+            (
+                (1..=256).contains(&self.supervisor.instances),
+                "supervisor.instances",
+            ),
+            (
+                !self.supervisor.probe_interval.is_zero(),
+                "supervisor.probe_interval",
+            ),
+            (
+                !self.supervisor.probe_timeout.is_zero(),
+                "supervisor.probe_timeout",
+            ),
+            (
+                self.supervisor.probe_threshold >= 1,
+                "supervisor.probe_threshold",
+            ),
+            (
+                !self.supervisor.start_timeout.is_zero(),
+                "supervisor.start_timeout",
+            ),
+            (
+                !self.supervisor.backoff_initial.is_zero(),
+                "supervisor.backoff_initial",
+            ),
+            (
+                self.supervisor.backoff_max >= self.supervisor.backoff_initial,
+                "supervisor.backoff_max",
+            ),
+        ] {
+            check(
+                ok,
+                key,
+                "is out of range (see config.toml for what it means)",
+            )?;
+        }
+        check(
+            u32::from(self.supervisor.base_port) + u32::from(self.supervisor.instances) <= 65536
+                && self.supervisor.base_port > 0,
+            "supervisor.base_port",
+            "leaves no room for every instance's port",
+        )?;
         check(
             tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),
             "telemetry.log_level",
@@ -476,6 +764,28 @@ impl Config {
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Checks an upstream URL (`http://host:port`, no path) and returns it without a trailing
+/// slash, the form the proxy reports it in.
+pub fn parse_upstream_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!("{raw:?}: only http:// upstreams are supported"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?}: no host"));
+    }
+    if !(url.path() == "/" || url.path().is_empty()) || url.query().is_some() {
+        return Err(format!(
+            "{raw:?}: an upstream is a host and port, with no path"
+        ));
+    }
+    let host = url.host_str().unwrap_or_default();
+    Ok(match url.port_or_known_default() {
+        Some(port) => format!("http://{host}:{port}"),
+        None => format!("http://{host}"),
+    })
 }
 
 /// The URL with its password replaced, for logs and `taskd config`.

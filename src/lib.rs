@@ -3,15 +3,17 @@
 //! # Layout
 //!
 //! - [`worker`]: the API process (`taskd worker`): axum handlers, PostgreSQL stores, Redis.
+//! - [`proxy`]: the load balancer (`taskd proxy`): hyper server and pooled upstream connections.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`]: the shared base every role stands on.
 //! - [`cli`]: the command line, dispatching to the roles.
 //! - [`seed`]: realistic bulk data for benchmarks and demos (`taskd seed`).
 //!
-//! The proxy and the supervisor (`taskd proxy`, `taskd serve`) arrive as their own modules.
+//! The supervisor (`taskd serve`) arrives as its own module.
 
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod proxy;
 pub mod seed;
 pub mod shutdown;
 pub mod telemetry;

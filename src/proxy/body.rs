@@ -1,0 +1,164 @@
+//! The two body types of the proxy, as plain enums so no request allocates a boxed body.
+//!
+//! [`UpstreamBody`] is what goes to a worker: the client's body streamed as it arrives, or a
+//! copy kept in memory so the request can be sent again. [`ClientBody`] is what goes back: the
+//! worker's body streamed, holding the upstream connection until its last byte so the
+//! connection returns to the pool only when it can carry the next request, or the proxy's own
+//! small problem+json answer.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1::SendRequest,
+};
+
+use super::upstream::InFlight;
+
+/// A request body on its way to an upstream.
+pub enum UpstreamBody {
+    /// The client's body, streamed.
+    Streamed(Incoming),
+    /// A body held in memory (empty bodies, and bodies kept for a retry).
+    Buffered(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    pub fn empty() -> Self {
+        Self::Buffered(None)
+    }
+
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self::Buffered((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Streamed(body) => body.is_end_stream(),
+            Self::Buffered(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Streamed(body) => body.size_hint(),
+            Self::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
+            }
+        }
+    }
+}
+
+/// Where a finished upstream connection goes back to.
+pub struct PooledConn {
+    pub sender: SendRequest<UpstreamBody>,
+    pub max_idle: usize,
+}
+
+/// A response body on its way to the client.
+pub enum ClientBody {
+    /// The upstream's body. Holds the request's in-flight slot and, until the body has been
+    /// read to the end, the connection it arrives on.
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledConn>,
+        in_flight: Option<InFlight>,
+    },
+    /// A response the proxy wrote itself.
+    Local(Option<Bytes>),
+}
+
+impl ClientBody {
+    pub fn local(bytes: Bytes) -> Self {
+        Self::Local(Some(bytes))
+    }
+
+    /// Ends the request: the connection goes back to the pool when its response was read to
+    /// the end (otherwise it is dropped, which closes it), and the in-flight slot is freed.
+    fn finish(conn: &mut Option<PooledConn>, in_flight: &mut Option<InFlight>, complete: bool) {
+        if let (Some(conn), Some(flight)) = (conn.take(), in_flight.as_ref())
+            && complete
+        {
+            flight.upstream().checkin(conn.sender, conn.max_idle);
+        }
+        in_flight.take();
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream {
+                body,
+                conn,
+                in_flight,
+            } => {
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &frame {
+                    None => Self::finish(conn, in_flight, true),
+                    Some(Err(_)) => Self::finish(conn, in_flight, false),
+                    Some(Ok(_)) if body.is_end_stream() => Self::finish(conn, in_flight, true),
+                    Some(Ok(_)) => {}
+                }
+                Poll::Ready(frame)
+            }
+            Self::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Local(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Local(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
+            }
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Self::Upstream {
+            body,
+            conn,
+            in_flight,
+        } = self
+        {
+            // Bodiless responses (HEAD, 204, 304) are never polled; they are complete anyway.
+            let complete = body.is_end_stream();
+            Self::finish(conn, in_flight, complete);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The proxy's own failures, each mapped to one status and answered as problem+json.
+
+use bytes::Bytes;
+use hyper::{
+    Response,
+    header::{self, HeaderValue},
+};
+
+use super::body::ClientBody;
+
+/// Why the proxy answered a request itself. The source decides the status: the client's side
+/// (400), the upstream's (502, 504), or nothing to send to (503).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client's request body could not be read.
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
+    /// An upstream took the request and failed (reset, closed, malformed response), and the
+    /// request could not safely be sent again.
+    #[error("the upstream failed: {0}")]
+    Upstream(String),
+    /// No upstream could take the request: none configured, all draining, or every one tried
+    /// refused the connection.
+    #[error("no upstream is available{}", .0.as_deref().map(|r| format!(" (last error: {r})")).unwrap_or_default())]
+    NoUpstream(Option<String>),
+    /// The upstream did not send response headers within `proxy.response_timeout`.
+    #[error("the upstream did not answer in time")]
+    Timeout,
+}
+
+impl ProxyError {
+    fn slug(&self) -> &'static str {
+        match self {
+            ProxyError::ClientBody(_) => "bad-request",
+            ProxyError::Upstream(_) => "bad-gateway",
+            ProxyError::NoUpstream(_) => "no-upstream",
+            ProxyError::Timeout => "gateway-timeout",
+        }
+    }
+
+    /// The problem+json answer. Details name what failed but never the upstream's address.
+    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ClientBody> {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "proxy answered an error");
+        }
+        let detail = match &self {
+            ProxyError::ClientBody(_) => "the request body could not be read".to_owned(),
+            ProxyError::Upstream(_) => {
+                "the upstream server failed while handling the request".to_owned()
+            }
+            ProxyError::NoUpstream(_) => {
+                "no upstream server is available; try again shortly".to_owned()
+            }
+            ProxyError::Timeout => "the upstream server did not answer in time".to_owned(),
+        };
+        let request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let body = serde_json::json!({
+            "type": format!("/problems/{}", self.slug()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+            "requestId": request_id,
+        });
+        let mut response = Response::new(ClientBody::local(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Ok(id) = HeaderValue::from_str(request_id)
+            && !request_id.is_empty()
+        {
+            headers.insert("x-request-id", id);
+        }
+        if matches!(self, ProxyError::NoUpstream(_)) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

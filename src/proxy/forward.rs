@@ -1,0 +1,488 @@
+//! Forwarding one request: header rules, choosing an upstream, retries, and the proxy's own
+//! errors.
+
+use std::{
+    cell::Cell,
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    body::{Body, Incoming},
+    header::{self, HeaderName, HeaderValue},
+    http::uri::PathAndQuery,
+};
+
+use super::{
+    Shared,
+    body::{ClientBody, PooledConn, UpstreamBody},
+    error::ProxyError,
+    upstream::Upstream,
+};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), besides those a `Connection` header names.
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// What the proxy knows about the client connection a request arrived on.
+#[derive(Clone)]
+pub struct Peer {
+    /// The peer's address as a header value, formatted once per connection.
+    pub addr: HeaderValue,
+    /// Whether the peer is one of `proxy.trusted_proxies` (its forwarding headers are kept).
+    pub trusted: bool,
+}
+
+impl Peer {
+    pub fn new(ip: IpAddr, trusted: bool) -> Self {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        Self {
+            addr: HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header"),
+            trusted,
+        }
+    }
+}
+
+/// Removes the hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Applies SPEC §5's header rules to a request about to be forwarded.
+pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) {
+    strip_hop_by_hop(headers);
+    // An HTTP/2 request carries its host in `:authority`; HTTP/1.1 upstreams need `Host`.
+    if !headers.contains_key(header::HOST)
+        && let Some(value) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(header::HOST, value);
+    }
+    if peer.trusted {
+        let mut seen = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+        if seen.peek().is_none() {
+            headers.insert(X_FORWARDED_FOR.clone(), peer.addr.clone());
+        } else {
+            let mut joined = Vec::with_capacity(64);
+            for value in seen {
+                joined.extend_from_slice(value.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(peer.addr.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                headers.insert(X_FORWARDED_FOR.clone(), value);
+            }
+        }
+    } else {
+        // Whatever an untrusted client claims is replaced: it cannot choose the address
+        // that rate limits see.
+        headers.insert(X_FORWARDED_FOR.clone(), peer.addr.clone());
+    }
+    if !peer.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if (!peer.trusted || !headers.contains_key(&X_FORWARDED_HOST))
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), new_request_id());
+    }
+}
+
+/// A new request id: 32 hex digits, a random per-thread prefix and a per-thread counter. Unique
+/// without a syscall or a shared counter per request.
+fn new_request_id() -> HeaderValue {
+    thread_local! {
+        static NEXT: Cell<(u64, u64)> = Cell::new((rand::random(), 0));
+    }
+    let (prefix, n) = NEXT.with(|next| {
+        let (prefix, n) = next.get();
+        next.set((prefix, n.wrapping_add(1)));
+        (prefix, n)
+    });
+    let mut buf = [0u8; 32];
+    let digits = b"0123456789abcdef";
+    for (i, byte) in prefix
+        .to_be_bytes()
+        .iter()
+        .chain(&n.to_be_bytes())
+        .enumerate()
+    {
+        buf[2 * i] = digits[usize::from(byte >> 4)];
+        buf[2 * i + 1] = digits[usize::from(byte & 15)];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header")
+}
+
+/// Whether a request that reached an upstream may be sent again (SPEC §5).
+fn may_resend(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    ) || headers.contains_key(&IDEMPOTENCY_KEY)
+}
+
+/// How one try on one upstream failed.
+// The request travels back by value: failures are rare and boxing would cost every request.
+#[allow(clippy::large_enum_variant)]
+enum TryError {
+    /// The request never left the proxy (connect refused, reset before writing); it comes
+    /// back untouched and can go to another upstream whatever its method.
+    NotSent(Request<UpstreamBody>, String),
+    /// The request was written, at least in part, and then the connection failed.
+    Sent(String),
+    /// No response headers within `response_timeout`.
+    Timeout,
+}
+
+/// Handles one client request; never fails (errors are problem+json responses).
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Response<ClientBody> {
+    let started = Instant::now();
+    shared.metrics.in_flight.fetch_add(1, Relaxed);
+    let (mut parts, body) = req.into_parts();
+    forwarding_headers(&mut parts.headers, &parts.uri, peer);
+    let request_id = parts.headers.get(&X_REQUEST_ID).cloned();
+    let response = match forward(&shared, parts, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            shared.metrics.local.record(error.status().as_u16());
+            error.into_response(request_id.as_ref())
+        }
+    };
+    shared.metrics.latency.record(started.elapsed());
+    shared.metrics.in_flight.fetch_sub(1, Relaxed);
+    response
+}
+
+async fn forward(
+    shared: &Shared,
+    mut parts: hyper::http::request::Parts,
+    body: Incoming,
+) -> Result<Response<ClientBody>, ProxyError> {
+    let config = &shared.config;
+    // Upstreams get origin-form targets over HTTP/1.1.
+    parts.uri = Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.version = Version::HTTP_11;
+
+    let resendable = may_resend(&parts.method, &parts.headers);
+    // A copy of the body, when a retry after sending may need it.
+    let (replay, first_body) = if body.is_end_stream() {
+        (Some(Bytes::new()), UpstreamBody::empty())
+    } else if resendable
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|len| len <= config.retry_body_limit.as_u64())
+    {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ProxyError::ClientBody(e.to_string()))?
+            .to_bytes();
+        (Some(bytes.clone()), UpstreamBody::buffered(bytes))
+    } else {
+        (None, UpstreamBody::Streamed(body))
+    };
+    let kept_parts = (resendable && replay.is_some()).then(|| parts.clone());
+    let mut request = Request::from_parts(parts, first_body);
+
+    let upstreams = shared.upstreams.load();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_failure = None;
+    let mut all_unsent = true;
+    for attempt in 0..=config.retries {
+        let Some(index) = shared.pick(&upstreams, &tried) else {
+            break;
+        };
+        tried.push(index);
+        if attempt > 0 {
+            shared.metrics.retries.fetch_add(1, Relaxed);
+        }
+        let upstream = &upstreams[index];
+        match try_upstream(shared, upstream, request).await {
+            Ok(response) => return Ok(response),
+            Err(TryError::NotSent(back, reason)) => {
+                shared.record_failure(upstream, &reason);
+                last_failure = Some(reason);
+                request = back;
+            }
+            Err(TryError::Sent(reason)) => {
+                shared.record_failure(upstream, &reason);
+                all_unsent = false;
+                match (&kept_parts, &replay) {
+                    (Some(parts), Some(bytes)) => {
+                        tracing::debug!(upstream = %upstream.url, %reason, "retrying a resendable request");
+                        request = Request::from_parts(
+                            parts.clone(),
+                            UpstreamBody::buffered(bytes.clone()),
+                        );
+                        last_failure = Some(reason);
+                    }
+                    _ => return Err(ProxyError::Upstream(reason)),
+                }
+            }
+            Err(TryError::Timeout) => {
+                shared.record_failure(upstream, "response timeout");
+                return Err(ProxyError::Timeout);
+            }
+        }
+    }
+    match last_failure {
+        Some(reason) if !all_unsent => Err(ProxyError::Upstream(reason)),
+        reason => Err(ProxyError::NoUpstream(reason)),
+    }
+}
+
+/// One try on one upstream: an idle pooled connection when there is one, else a new one.
+async fn try_upstream(
+    shared: &Shared,
+    upstream: &Arc<Upstream>,
+    mut request: Request<UpstreamBody>,
+) -> Result<Response<ClientBody>, TryError> {
+    let config = &shared.config;
+    let flight = upstream.begin();
+    loop {
+        let (mut sender, fresh) = match upstream.checkout(config.idle_timeout) {
+            Some(sender) => (sender, false),
+            None => match upstream.connect(config.connect_timeout).await {
+                Ok(sender) => (sender, true),
+                Err(error) => return Err(TryError::NotSent(request, error.to_string())),
+            },
+        };
+        // A pooled connection the upstream closed meanwhile is skipped: not its fault.
+        if sender.ready().await.is_err() {
+            if fresh {
+                return Err(TryError::NotSent(request, "connection closed".into()));
+            }
+            continue;
+        }
+        let sent =
+            tokio::time::timeout(config.response_timeout, sender.try_send_request(request)).await;
+        match sent {
+            Err(_) => return Err(TryError::Timeout),
+            Ok(Err(mut error)) => match error.take_message() {
+                Some(back) if !fresh => request = back,
+                Some(back) => {
+                    return Err(TryError::NotSent(back, error.into_error().to_string()));
+                }
+                None => return Err(TryError::Sent(error.into_error().to_string())),
+            },
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                upstream.statuses.record(parts.status.as_u16());
+                strip_hop_by_hop(&mut parts.headers);
+                return Ok(Response::from_parts(
+                    parts,
+                    ClientBody::Upstream {
+                        body,
+                        conn: Some(PooledConn {
+                            sender,
+                            max_idle: config.max_idle_per_upstream,
+                        }),
+                        in_flight: Some(flight),
+                    },
+                ));
+            }
+        }
+    }
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn uri() -> Uri {
+        "/api/v1/tasks?page=2".parse().unwrap()
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_choose_their_forwarded_address() {
+        let mut h = headers(&[
+            ("host", "api.example.com"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        forwarding_headers(
+            &mut h,
+            &uri(),
+            &Peer::new("10.0.0.9".parse().unwrap(), false),
+        );
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["10.0.0.9"]
+        );
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["host"], "api.example.com");
+        assert_eq!(h["x-request-id"].len(), 32);
+    }
+
+    #[test]
+    fn trusted_peers_get_the_address_appended() {
+        let mut h = headers(&[
+            ("host", "api.example.com"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-proto", "https"),
+            ("x-request-id", "abc"),
+        ]);
+        forwarding_headers(
+            &mut h,
+            &uri(),
+            &Peer::new("::ffff:10.0.0.9".parse().unwrap(), true),
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive, x-secret , Upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        forwarding_headers(
+            &mut h,
+            &uri(),
+            &Peer::new("127.0.0.1".parse().unwrap(), false),
+        );
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "upgrade",
+            "te",
+            "transfer-encoding",
+            "proxy-connection",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn http2_authority_becomes_the_host_header() {
+        let mut h = HeaderMap::new();
+        let uri: Uri = "http://api.example.com:8080/x".parse().unwrap();
+        forwarding_headers(
+            &mut h,
+            &uri,
+            &Peer::new("127.0.0.1".parse().unwrap(), false),
+        );
+        assert_eq!(h["host"], "api.example.com:8080");
+        assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn resend_rules_follow_the_spec() {
+        let none = HeaderMap::new();
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(may_resend(&m, &none), "{m}");
+        }
+        assert!(!may_resend(&Method::POST, &none));
+        assert!(!may_resend(&Method::PATCH, &none));
+        assert!(may_resend(
+            &Method::POST,
+            &headers(&[("idempotency-key", "k1")])
+        ));
+    }
+}

@@ -1,0 +1,213 @@
+//! The proxy's counters, kept in plain atomics and rendered in the Prometheus text format.
+//!
+//! The worker uses the `metrics` crate's recorder; the proxy does not, because a recorder call
+//! hashes its labels on every request, and the proxy's budget per request is a few
+//! microseconds. Here a request costs three relaxed atomic increments.
+
+use std::{
+    fmt::Write,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use super::upstream::{Upstream, now_ms};
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// Responses by status code (100–599), one counter each.
+pub struct StatusCounts(Box<[AtomicU64]>);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self((100..600).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl StatusCounts {
+    pub fn record(&self, status: u16) {
+        if let Some(counter) = self.0.get(usize::from(status).wrapping_sub(100)) {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `(status, count)` for every status seen.
+    pub fn seen(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u16 + 100, c.load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
+/// Latency until response headers, as a cumulative Prometheus histogram.
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// A per-upstream series: name, type, help, and how to read it at `now_ms()`.
+type PerUpstream = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Upstream, u64) -> u64,
+);
+
+/// Counters that are not per upstream.
+#[derive(Default)]
+pub struct ProxyMetrics {
+    /// Time to response headers of every proxied request, the proxy's own answers included.
+    pub latency: Histogram,
+    /// Extra tries after a failed one.
+    pub retries: AtomicU64,
+    /// Answers the proxy wrote itself, by status (502, 503, 504, ...).
+    pub local: StatusCounts,
+    /// Requests being handled right now.
+    pub in_flight: AtomicU64,
+}
+
+impl ProxyMetrics {
+    /// The Prometheus text exposition of these counters and of each upstream's.
+    pub fn render(&self, upstreams: &[std::sync::Arc<Upstream>]) -> String {
+        let mut out = String::with_capacity(4096);
+        let now = now_ms();
+        out.push_str("# HELP taskd_proxy_requests_total Responses sent, by upstream and status (upstream=\"proxy\": the proxy's own answers).\n# TYPE taskd_proxy_requests_total counter\n");
+        for up in upstreams {
+            for (status, n) in up.statuses.seen() {
+                let _ = writeln!(
+                    out,
+                    "taskd_proxy_requests_total{{upstream=\"{}\",status=\"{status}\"}} {n}",
+                    up.url
+                );
+            }
+        }
+        for (status, n) in self.local.seen() {
+            let _ = writeln!(
+                out,
+                "taskd_proxy_requests_total{{upstream=\"proxy\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP taskd_proxy_request_duration_seconds Time until response headers.\n# TYPE taskd_proxy_request_duration_seconds histogram\n");
+        self.latency
+            .render(&mut out, "taskd_proxy_request_duration_seconds");
+        let _ = writeln!(
+            out,
+            "# HELP taskd_proxy_retries_total Extra tries after a failed one.\n# TYPE taskd_proxy_retries_total counter\ntaskd_proxy_retries_total {}",
+            self.retries.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP taskd_proxy_in_flight Requests being handled.\n# TYPE taskd_proxy_in_flight gauge\ntaskd_proxy_in_flight {}",
+            self.in_flight.load(Relaxed)
+        );
+        let per_upstream: [PerUpstream; 5] = [
+            (
+                "taskd_proxy_upstream_in_flight",
+                "gauge",
+                "Requests in flight on the upstream.",
+                |u, _| u.in_flight() as u64,
+            ),
+            (
+                "taskd_proxy_upstream_tries_total",
+                "counter",
+                "Tries sent to the upstream (retries included).",
+                |u, _| u.requests.load(Relaxed),
+            ),
+            (
+                "taskd_proxy_upstream_failures_total",
+                "counter",
+                "Tries that failed at the transport level (refused, reset, timed out).",
+                |u, _| u.failures.load(Relaxed),
+            ),
+            (
+                "taskd_proxy_ejections_total",
+                "counter",
+                "Times the upstream was ejected by passive health checks.",
+                |u, _| u.ejections.load(Relaxed),
+            ),
+            (
+                "taskd_proxy_upstream_healthy",
+                "gauge",
+                "1 when the upstream takes new requests.",
+                |u, now| u64::from(u.is_available(now)),
+            ),
+        ];
+        for (name, kind, help, value) in per_upstream {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for up in upstreams {
+                let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", up.url, value(up, now));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        h.record(Duration::from_micros(300));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_secs(30));
+        let mut out = String::new();
+        h.render(&mut out, "x");
+        assert!(out.contains("x_bucket{le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn status_counts_ignore_out_of_range_codes() {
+        let s = StatusCounts::default();
+        s.record(200);
+        s.record(200);
+        s.record(503);
+        s.record(42);
+        s.record(600);
+        assert_eq!(s.seen().collect::<Vec<_>>(), vec![(200, 2), (503, 1)]);
+    }
+}

@@ -1,0 +1,369 @@
+//! One upstream: its address, health, counters and keep-alive connection pool.
+//!
+//! Everything a request touches is an atomic or a per-thread, almost never contended mutex,
+//! so the request path takes no shared lock.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{body::UpstreamBody, metrics::StatusCounts};
+
+/// What the balancer may do with an upstream, as `/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamState {
+    /// Takes requests.
+    Healthy,
+    /// Failing its active health checks; used only when nothing is healthy.
+    Unhealthy,
+    /// Taken out for `fail_timeout` after `max_fails` failed requests.
+    Ejected,
+    /// Finishing its in-flight requests; gets no new ones.
+    Draining,
+}
+
+/// Milliseconds on a process-wide monotonic clock, so deadlines fit in an atomic.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // Start at 1 so that 0 can mean "never".
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+thread_local! {
+    /// Which idle-connection pool this thread uses: each serving thread has its own, so a
+    /// pooled connection is always driven by the runtime that reuses it.
+    static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Binds the current thread to pool slot `slot` (called once by each serving thread).
+pub fn set_pool_slot(slot: usize) {
+    POOL_SLOT.with(|s| s.set(slot));
+}
+
+/// A connection to an upstream that is waiting for its next request.
+struct IdleConn {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// Failures of real requests counted toward ejection.
+#[derive(Default)]
+struct FailWindow {
+    started_ms: u64,
+    count: u32,
+}
+
+/// One upstream worker.
+pub struct Upstream {
+    /// `http://host:port`, as configured; the key for add/remove/drain and in `/status`.
+    pub url: Arc<str>,
+    /// `host:port`, resolved on each new connection when it is not an IP literal.
+    authority: String,
+    /// The address when the host is an IP literal (no resolution needed).
+    addr: Option<SocketAddr>,
+    /// Verdict of the active health checks.
+    healthy: AtomicBool,
+    /// Set by the supervisor before the upstream is stopped: no new requests.
+    draining: AtomicBool,
+    /// `now_ms()` until which the upstream is ejected; 0 when it is not.
+    ejected_until: AtomicU64,
+    /// Requests sent and not yet finished (response body included); what `least_conn` compares
+    /// and what a drain waits for.
+    in_flight: AtomicUsize,
+    /// Woken whenever `in_flight` drops to zero.
+    idle_notify: Notify,
+    /// Requests forwarded (each try counts).
+    pub(super) requests: AtomicU64,
+    /// Tries that failed at the transport level (refused, reset, timed out).
+    pub(super) failures: AtomicU64,
+    /// Times the upstream was ejected.
+    pub(super) ejections: AtomicU64,
+    /// Duration of the last active probe, in milliseconds (`u64::MAX` before the first).
+    last_probe_ms: AtomicU64,
+    /// Consecutive passing and failing probes, for rise/fall.
+    probe_passes: AtomicU32,
+    probe_fails: AtomicU32,
+    /// Failed requests within the current `fail_timeout` window.
+    fail_window: Mutex<FailWindow>,
+    /// Idle keep-alive connections, one pool per serving thread.
+    idle: Box<[Mutex<Vec<IdleConn>>]>,
+    /// Responses by status code.
+    pub(super) statuses: StatusCounts,
+    /// Stops this upstream's health checker when it is removed.
+    pub(super) removed: CancellationToken,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("url", &self.url).finish()
+    }
+}
+
+/// Why a connection to an upstream could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, std::io::Error),
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+impl Upstream {
+    /// A new upstream for a URL already checked by [`crate::config::parse_upstream_url`].
+    pub fn new(url: &str, healthy: bool, pool_slots: usize) -> Self {
+        let authority = url.trim_start_matches("http://").to_owned();
+        let addr = authority.parse().ok();
+        Self {
+            url: url.into(),
+            authority,
+            addr,
+            healthy: AtomicBool::new(healthy),
+            draining: AtomicBool::new(false),
+            ejected_until: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            idle_notify: Notify::new(),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            last_probe_ms: AtomicU64::new(u64::MAX),
+            probe_passes: AtomicU32::new(0),
+            probe_fails: AtomicU32::new(0),
+            fail_window: Mutex::new(FailWindow::default()),
+            idle: (0..pool_slots.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+            statuses: StatusCounts::default(),
+            removed: CancellationToken::new(),
+        }
+    }
+
+    /// The state the balancer acts on.
+    pub fn state(&self, now: u64) -> UpstreamState {
+        if self.draining.load(Relaxed) {
+            UpstreamState::Draining
+        } else if self.ejected_until.load(Relaxed) > now {
+            UpstreamState::Ejected
+        } else if self.healthy.load(Relaxed) {
+            UpstreamState::Healthy
+        } else {
+            UpstreamState::Unhealthy
+        }
+    }
+
+    /// Whether the balancer should send new requests here.
+    pub fn is_available(&self, now: u64) -> bool {
+        self.state(now) == UpstreamState::Healthy
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub fn last_probe_ms(&self) -> Option<u64> {
+        match self.last_probe_ms.load(Relaxed) {
+            u64::MAX => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// Counts a request as started; the guard ends it.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Waits until no request is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle_notify.notified();
+            if self.in_flight.load(Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records a transport failure of a real request; ejects the upstream after `max_fails`
+    /// of them within `fail_timeout`. Returns true when this failure ejected it.
+    pub fn record_failure(&self, max_fails: u32, fail_timeout: Duration) -> bool {
+        self.failures.fetch_add(1, Relaxed);
+        if max_fails == 0 {
+            return false;
+        }
+        let now = now_ms();
+        let window = fail_timeout.as_millis() as u64;
+        let mut fails = self.fail_window.lock().unwrap_or_else(|e| e.into_inner());
+        if now.saturating_sub(fails.started_ms) > window {
+            fails.started_ms = now;
+            fails.count = 0;
+        }
+        fails.count += 1;
+        if fails.count < max_fails || self.ejected_until.load(Relaxed) > now {
+            return false;
+        }
+        fails.count = 0;
+        self.ejected_until.store(now + window, Relaxed);
+        // The active checker must see `rise` fresh passes before it may end the ejection early.
+        self.probe_passes.store(0, Relaxed);
+        self.ejections.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Records the outcome of an active probe. Returns the new health when it flipped.
+    pub fn record_probe(&self, ok: bool, took: Duration, rise: u32, fall: u32) -> Option<bool> {
+        self.last_probe_ms.store(took.as_millis() as u64, Relaxed);
+        if ok {
+            self.probe_fails.store(0, Relaxed);
+            let passes = self.probe_passes.fetch_add(1, Relaxed) + 1;
+            if passes >= rise {
+                // Recovered for long enough: an ejection may end before `fail_timeout`.
+                self.ejected_until.store(0, Relaxed);
+                if !self.healthy.swap(true, Relaxed) {
+                    return Some(true);
+                }
+            }
+        } else {
+            self.probe_passes.store(0, Relaxed);
+            let fails = self.probe_fails.fetch_add(1, Relaxed) + 1;
+            if fails >= fall && self.healthy.swap(false, Relaxed) {
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    /// Takes an idle connection of this thread's pool, newest first, dropping stale ones.
+    pub fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<UpstreamBody>> {
+        let slot = POOL_SLOT.with(|s| s.get()) % self.idle.len();
+        let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = idle.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < idle_timeout {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response has been read completely.
+    pub fn checkin(&self, sender: SendRequest<UpstreamBody>, max_idle: usize) {
+        if sender.is_closed() || self.removed.is_cancelled() {
+            return;
+        }
+        let slot = POOL_SLOT.with(|s| s.get()) % self.idle.len();
+        let mut idle = self.idle[slot].lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= max_idle {
+            // Keep the newest: the oldest is the likeliest to have been closed by the upstream.
+            idle.remove(0);
+        }
+        idle.push(IdleConn {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Closes idle connections unused for `idle_timeout`, and all of them once removed.
+    pub fn prune_idle(&self, idle_timeout: Duration) {
+        let removed = self.removed.is_cancelled();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|c| !removed && !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+        }
+    }
+
+    /// Opens a new keep-alive HTTP/1.1 connection; its driver task runs on this thread's runtime.
+    pub async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+        let stream = tokio::time::timeout(timeout, self.tcp_connect())
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%error, "upstream connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn tcp_connect(&self) -> Result<TcpStream, ConnectError> {
+        let addr = match self.addr {
+            Some(addr) => addr,
+            None => tokio::net::lookup_host(&self.authority)
+                .await
+                .map_err(|e| ConnectError::Resolve(self.authority.clone(), e))?
+                .next()
+                .ok_or_else(|| {
+                    ConnectError::Resolve(
+                        self.authority.clone(),
+                        std::io::Error::other("no addresses"),
+                    )
+                })?,
+        };
+        let stream = TcpStream::connect(addr).await?;
+        // Requests and responses are written whole; Nagle would only add latency.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// One active probe: GET `path` on a fresh connection, passing on a 2xx within `timeout`.
+    pub async fn probe(&self, path: &str, timeout: Duration) -> bool {
+        let attempt = async {
+            let stream = self.tcp_connect().await.ok()?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, UpstreamBody>(TokioIo::new(stream))
+                    .await
+                    .ok()?;
+            let driver = tokio::spawn(conn);
+            let request = hyper::Request::get(path)
+                .header(hyper::header::HOST, &self.authority)
+                .header("user-agent", "taskd-proxy-health")
+                .body(UpstreamBody::empty())
+                .ok()?;
+            let response: hyper::Response<Incoming> = sender.send_request(request).await.ok()?;
+            driver.abort();
+            Some(response.status().is_success())
+        };
+        matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    }
+}
+
+/// A request in flight on an upstream; dropping it ends the request.
+pub struct InFlight(Arc<Upstream>);
+
+impl InFlight {
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle_notify.notify_waiters();
+        }
+    }
+}
