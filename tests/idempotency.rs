@@ -172,3 +172,104 @@ async fn a_client_error_is_replayed_as_the_same_error() {
         .await
         .expect(201);
 }
+
+/// The Redis records of this test's idempotency keys.
+async fn idempotency_keys(app: &TestApp) -> (fred::clients::Client, Vec<String>) {
+    use fred::prelude::*;
+    let redis = Builder::from_config(Config::from_url(&app.state.config.redis.url).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let pattern = format!("{}idem:*", app.redis_prefix);
+    let (_, keys): (String, Vec<String>) = redis
+        .scan_page("0", pattern, Some(10_000), None)
+        .await
+        .unwrap();
+    (redis, keys)
+}
+
+/// A worker killed after its insert committed but before it stored the answer: the retry (the
+/// proxy sends it to another worker) finds no record, runs again, and gets the same task back
+/// instead of a second one.
+#[tokio::test]
+async fn a_retry_after_the_answer_was_lost_does_not_act_twice() {
+    use fred::prelude::*;
+    let app = spawn_app().await;
+    let ada = app.register("ada@example.com").await;
+    let body = json!({"title": "exactly once"});
+    let first = create(&app, &ada, "lost-answer", &body).await;
+    first.expect(201);
+
+    let (redis, keys) = idempotency_keys(&app).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: i64 = redis.del(&keys[0]).await.unwrap();
+
+    let retry = create(&app, &ada, "lost-answer", &body).await;
+    retry.expect(201);
+    assert_eq!(retry.body["id"], first.body["id"]);
+    assert_eq!(tasks_of(&app, &ada).await, 1);
+
+    // The same for categories, whose names are unique per owner.
+    let category = json!({"name": "Errands"});
+    let send = || {
+        app.send(
+            app.request(Method::POST, "/api/v1/categories", ada.token())
+                .header("idempotency-key", "lost-category")
+                .json(&category),
+        )
+    };
+    let first = send().await;
+    first.expect(201);
+    let (redis, keys) = idempotency_keys(&app).await;
+    for key in &keys {
+        let _: i64 = redis.del(key).await.unwrap();
+    }
+    let retry = send().await;
+    retry.expect(201);
+    assert_eq!(retry.body["id"], first.body["id"]);
+}
+
+/// A worker killed mid-request (after its insert committed) leaves a `running` lease that
+/// nobody renews: a retry waits for it to lapse (seconds, not the request timeout), runs, and
+/// gets the committed task back instead of a 409 or a second task.
+#[tokio::test]
+async fn a_retry_takes_over_the_lease_of_a_dead_worker() {
+    use fred::prelude::*;
+    let app = spawn_app().await;
+    let ada = app.register("ada@example.com").await;
+    let body = json!({"title": "after the crash"});
+    let first = create(&app, &ada, "crash", &body).await;
+    first.expect(201);
+    // Turn the finished record back into the lease of a worker that died.
+    let (redis, keys) = idempotency_keys(&app).await;
+    let record: String = redis.get(&keys[0]).await.unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    let dead = json!({
+        "state": "running",
+        "fingerprint": record["fingerprint"],
+        "attempt": "dead-worker",
+    });
+    let _: () = redis
+        .set(
+            &keys[0],
+            dead.to_string(),
+            Some(Expiration::PX(2000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let retry = create(&app, &ada, "crash", &body).await;
+    let waited = started.elapsed();
+    retry.expect(201);
+    assert!(!replayed(&retry), "it ran again rather than replaying");
+    assert_eq!(retry.body["id"], first.body["id"]);
+    assert_eq!(tasks_of(&app, &ada).await, 1);
+    assert!(
+        waited >= std::time::Duration::from_millis(1500),
+        "it waited for the lease: {waited:?}"
+    );
+    assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
+}

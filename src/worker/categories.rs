@@ -9,6 +9,7 @@ use super::{
     AppState,
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
+    idempotency::IdempotentId,
     listing::{Listing, PageRequest, search_words},
     store::{self, categories::Category},
     tokens::AuthUser,
@@ -113,6 +114,7 @@ async fn list_categories(
 async fn create_category(
     State(state): State<AppState>,
     me: AuthUser,
+    keyed: Option<axum::Extension<IdempotentId>>,
     Json(body): Json<CreateCategory>,
 ) -> Result<(StatusCode, axum::Json<Category>), ApiError> {
     let mut errors = FieldErrors::default();
@@ -122,7 +124,8 @@ async fn create_category(
         .flatten();
     errors.into_validation()?;
     let name = name.unwrap_or_default();
-    let category = store::categories::create(&state.db, me.id, &name, color.as_deref()).await?;
+    let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
+    let category = store::categories::create(&state.db, me.id, id, &name, color.as_deref()).await?;
     Ok((StatusCode::CREATED, axum::Json(category)))
 }
 

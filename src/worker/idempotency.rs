@@ -1,13 +1,22 @@
 //! `Idempotency-Key` on POST: a retried POST replays the first response instead of acting
 //! twice, whichever worker it reaches.
 //!
-//! Per (identity, key) Redis holds either `running <fingerprint>` (while the first request runs;
-//! it expires after `worker.request_timeout` plus a margin, so a worker dying mid-request does
-//! not block the key for a day) or the finished response, kept `idempotency.ttl` (24 h). The
-//! fingerprint is a SHA-256 of method, path and body: the same key with another request is a
-//! 422, and a repeat while the first still runs is a 409. Responses with a 5xx status are not
-//! kept, so the client's retry runs again. When Redis cannot answer, requests run without the
-//! guarantee (`idempotency.fail_open`, default) or get a 503.
+//! Per (identity, key) Redis holds either a `running` record (while the first request runs) or
+//! the finished response, kept `idempotency.ttl` (24 h). The fingerprint is a SHA-256 of
+//! method, path and body: the same key with another request is a 422. Responses with a 5xx
+//! status are not kept, so the client's retry runs again. When Redis cannot answer, requests
+//! run without the Redis guarantee (`idempotency.fail_open`, default) or get a 503.
+//!
+//! # A worker dying mid-request
+//!
+//! The `running` record is a lease of [`LEASE`], renewed while the request runs, so a worker
+//! killed mid-request frees the key within seconds, not after the request timeout. A repeat
+//! that finds the key running waits (up to the lease and a margin) for the first to finish
+//! and replays its answer, takes over when the lease lapses, and answers 409 only when the
+//! first is still running after that. Taking over must not act twice when the dead worker had
+//! already committed: so the resource a keyed POST creates gets an id derived from identity,
+//! key and fingerprint ([`IdempotentId`]), and a second insert with that id returns the row the
+//! first one wrote. This is what lets the proxy retry a keyed POST whose worker was killed.
 
 use std::time::Duration;
 
@@ -29,12 +38,36 @@ pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 /// Responses larger than this are passed through but not kept for replay.
 const MAX_STORED_BODY: usize = 1 << 20;
 
+/// How long a `running` record lives without renewal: the longest a key stays blocked after
+/// its worker died.
+const LEASE: Duration = Duration::from_secs(3);
+/// How often a running request renews its lease.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How often a repeat checks whether the first request has finished.
+const POLL_EVERY: Duration = Duration::from_millis(25);
+
+/// The id a keyed POST gives the resource it creates: the same for every repeat of the same
+/// request, so an insert that already happened is found instead of done twice.
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotentId(pub uuid::Uuid);
+
+/// Renews a lease only while it is still ours (the value is unique per attempt).
+static RENEW: std::sync::LazyLock<fred::types::scripts::Script> = std::sync::LazyLock::new(|| {
+    fred::types::scripts::Script::from_lua(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+           return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+    )
+});
+
 /// What Redis holds for a key.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 enum Record {
     Running {
         fingerprint: String,
+        /// Unique per attempt, so only the lease holder renews it.
+        #[serde(default)]
+        attempt: String,
     },
     Done {
         fingerprint: String,
@@ -103,33 +136,58 @@ async fn guarded(
         identity.key(),
         hex(&Sha256::digest(key.as_bytes())[..16])
     ));
-    let request = Request::from_parts(parts, Body::from(body));
+    let derived = Sha256::digest(format!("{}\n{key}\n{fingerprint}", identity.key()));
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&derived[..16]);
+    let mut request = Request::from_parts(parts, Body::from(body));
+    request.extensions_mut().insert(IdempotentId(
+        uuid::Builder::from_custom_bytes(id).into_uuid(),
+    ));
 
     let running = serde_json::to_vec(&Record::Running {
         fingerprint: fingerprint.clone(),
+        attempt: uuid::Uuid::new_v4().simple().to_string(),
     })
     .expect("record serialises");
-    let lock_ttl = state.config.worker.request_timeout + Duration::from_secs(30);
-    match state
-        .redis
-        .set_new(&redis_key, running.into(), lock_ttl)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return Err(replay(state, &redis_key, &fingerprint).await),
-        Err(error) if config.fail_open => {
-            tracing::debug!(%error, "idempotency skipped: Redis unavailable");
-            return Ok(next.run(request).await);
-        }
-        Err(_) => {
-            return Err(
-                ApiError::Unavailable("idempotency keys are unavailable; retry shortly")
-                    .into_response(),
-            );
+    let waited_since = std::time::Instant::now();
+    loop {
+        match state
+            .redis
+            .set_new(&redis_key, running.clone().into(), LEASE)
+            .await
+        {
+            Ok(true) => break,
+            Ok(false) => match taken(state, &redis_key, &fingerprint).await {
+                Taken::Answer(response) => return Err(response),
+                Taken::Running if waited_since.elapsed() > LEASE + Duration::from_secs(1) => {
+                    return Err(ApiError::Conflict(
+                        "a request with this Idempotency-Key is still being processed; retry shortly"
+                            .into(),
+                    )
+                    .into_response());
+                }
+                Taken::Running | Taken::Gone => tokio::time::sleep(POLL_EVERY).await,
+            },
+            Err(error) if config.fail_open => {
+                tracing::debug!(%error, "idempotency skipped: Redis unavailable");
+                return Ok(next.run(request).await);
+            }
+            Err(_) => {
+                return Err(ApiError::Unavailable(
+                    "idempotency keys are unavailable; retry shortly",
+                )
+                .into_response());
+            }
         }
     }
 
+    let renewal = tokio::spawn(renew_lease(
+        state.clone(),
+        redis_key.clone(),
+        String::from_utf8(running).expect("JSON is UTF-8"),
+    ));
     let response = next.run(request).await;
+    renewal.abort();
     let (parts, body) = response.into_parts();
     let body = match axum::body::to_bytes(body, MAX_STORED_BODY).await {
         Ok(body) => body,
@@ -166,29 +224,59 @@ async fn guarded(
     Ok(Response::from_parts(parts, Body::from(body)))
 }
 
-/// The answer to a key that is already taken.
-async fn replay(state: &AppState, redis_key: &str, fingerprint: &str) -> Response {
+/// Keeps a running request's lease alive until the task is aborted.
+async fn renew_lease(state: AppState, redis_key: String, running: String) {
+    let lease_ms = LEASE.as_millis().to_string();
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let renewed: Result<i64, _> = state
+            .redis
+            .script(
+                &RENEW,
+                vec![redis_key.clone()],
+                vec![running.clone(), lease_ms.clone()],
+            )
+            .await;
+        if let Err(error) = renewed {
+            tracing::debug!(%error, "could not renew an idempotency lease");
+        }
+    }
+}
+
+/// What a key that is already taken means for a repeat.
+enum Taken {
+    /// Finished (a replay), reused with another request (422), or Redis failed (503).
+    Answer(Response),
+    /// The first request still holds the lease.
+    Running,
+    /// The record vanished (lease lapsed): try to take the key.
+    Gone,
+}
+
+async fn taken(state: &AppState, redis_key: &str, fingerprint: &str) -> Taken {
     let record = match state.redis.get_bytes(redis_key).await {
         Ok(Some(raw)) => serde_json::from_slice::<Record>(&raw).ok(),
-        // Gone between SET NX and GET (expired): ask the client to retry.
-        Ok(None) => None,
+        Ok(None) => return Taken::Gone,
         Err(_) => {
-            return ApiError::Unavailable("idempotency keys are unavailable; retry shortly")
-                .into_response();
+            return Taken::Answer(
+                ApiError::Unavailable("idempotency keys are unavailable; retry shortly")
+                    .into_response(),
+            );
         }
     };
     let reused = || {
-        ApiError::invalid_field(
-            "Idempotency-Key",
-            "was already used with a different request",
+        Taken::Answer(
+            ApiError::invalid_field(
+                "Idempotency-Key",
+                "was already used with a different request",
+            )
+            .into_response(),
         )
-        .into_response()
     };
     match record {
-        Some(Record::Running { fingerprint: first }) if first == fingerprint => ApiError::Conflict(
-            "a request with this Idempotency-Key is still being processed; retry shortly".into(),
-        )
-        .into_response(),
+        Some(Record::Running {
+            fingerprint: first, ..
+        }) if first == fingerprint => Taken::Running,
         Some(Record::Done {
             fingerprint: first,
             status,
@@ -208,12 +296,10 @@ async fn replay(state: &AppState, redis_key: &str, fingerprint: &str) -> Respons
                 .headers_mut()
                 .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             metrics::counter!("idempotent_replays_total").increment(1);
-            response
+            Taken::Answer(response)
         }
         Some(_) => reused(),
-        None => ApiError::Conflict(
-            "a request with this Idempotency-Key is still being processed; retry shortly".into(),
-        )
-        .into_response(),
+        // Unreadable (another version's format): let the lease or TTL clear it.
+        None => Taken::Running,
     }
 }

@@ -17,6 +17,7 @@ use super::{
     cache::canonical_query,
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
+    idempotency::IdempotentId,
     listing::{Listing, PageRequest, search_words},
     model::{Priority, Status},
     store::{
@@ -277,6 +278,7 @@ async fn list_tasks(
 async fn create_task(
     State(state): State<AppState>,
     me: AuthUser,
+    keyed: Option<axum::Extension<IdempotentId>>,
     Json(body): Json<CreateTask>,
 ) -> Result<(StatusCode, axum::Json<Task>), ApiError> {
     let mut errors = FieldErrors::default();
@@ -297,7 +299,8 @@ async fn create_task(
         due_at: body.due_at,
         category_id: body.category_id,
     };
-    let task = store::tasks::create(&state.db, me.id, &task).await?;
+    let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
+    let task = store::tasks::create(&state.db, me.id, id, &task).await?;
     state.cache.invalidate(me.id).await;
     Ok((StatusCode::CREATED, axum::Json(task)))
 }

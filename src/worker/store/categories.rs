@@ -31,22 +31,37 @@ fn name_taken() -> ApiError {
     ApiError::Conflict("a category with this name already exists".into())
 }
 
+/// Inserts a category; with `id` (a POST with `Idempotency-Key`) an existing category with that
+/// id is returned instead, as for tasks.
 pub async fn create(
     db: &PgPool,
     owner: Uuid,
+    id: Option<Uuid>,
     name: &str,
     color: Option<&str>,
 ) -> Result<Category, ApiError> {
-    sqlx::query_as(&format!(
-        "INSERT INTO categories (id, owner_id, name, color) VALUES ($1, $2, $3, $4) RETURNING {COLUMNS}"
+    let inserted: Option<Category> = sqlx::query_as(&format!(
+        "INSERT INTO categories (id, owner_id, name, color) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
     ))
-    .bind(Uuid::now_v7())
+    .bind(id.unwrap_or_else(Uuid::now_v7))
     .bind(owner)
     .bind(name)
     .bind(color)
-    .fetch_one(db)
+    .fetch_optional(db)
     .await
-    .map_err(|e| on_constraint(e, "categories_owner_name_key", name_taken))
+    .map_err(|e| on_constraint(e, "categories_owner_name_key", name_taken))?;
+    match (inserted, id) {
+        (Some(category), _) => Ok(category),
+        (None, Some(id)) => get(db, owner, id).await?.ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!(
+                "category id {id} is taken by another owner"
+            ))
+        }),
+        (None, None) => Err(ApiError::Internal(anyhow::anyhow!(
+            "category insert returned no row"
+        ))),
+    }
 }
 
 pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Category>, ApiError> {

@@ -76,13 +76,22 @@ fn unknown_category() -> ApiError {
     ApiError::invalid_field("categoryId", "no such category")
 }
 
-pub async fn create(db: &PgPool, owner: Uuid, task: &NewTask) -> Result<Task, ApiError> {
-    sqlx::query_as(&format!(
+/// Inserts a task. `id` is given for a POST with `Idempotency-Key`: when a task with that id
+/// exists already (the same request ran before, on a worker that died before answering), that
+/// task is returned instead of a second one.
+pub async fn create(
+    db: &PgPool,
+    owner: Uuid,
+    id: Option<Uuid>,
+    task: &NewTask,
+) -> Result<Task, ApiError> {
+    let inserted: Option<Task> = sqlx::query_as(&format!(
         "INSERT INTO tasks (id, owner_id, title, description, status, priority, due_at, category_id, completed_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5 = 'completed' THEN now() END)
+         ON CONFLICT (id) DO NOTHING
          RETURNING {COLUMNS}"
     ))
-    .bind(Uuid::now_v7())
+    .bind(id.unwrap_or_else(Uuid::now_v7))
     .bind(owner)
     .bind(&task.title)
     .bind(&task.description)
@@ -90,9 +99,18 @@ pub async fn create(db: &PgPool, owner: Uuid, task: &NewTask) -> Result<Task, Ap
     .bind(task.priority.rank())
     .bind(task.due_at)
     .bind(task.category_id)
-    .fetch_one(db)
+    .fetch_optional(db)
     .await
-    .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))
+    .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))?;
+    match (inserted, id) {
+        (Some(task), _) => Ok(task),
+        (None, Some(id)) => get(db, owner, id).await?.ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("task id {id} is taken by another owner"))
+        }),
+        (None, None) => Err(ApiError::Internal(anyhow::anyhow!(
+            "task insert returned no row"
+        ))),
+    }
 }
 
 pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Task>, ApiError> {
