@@ -17,12 +17,38 @@ use hyper::{
     client::conn::http1::SendRequest,
 };
 
-use super::upstream::InFlight;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::upstream::{InFlight, now_ms};
+
+/// When a streamed request body last moved (`now_ms()`): the response timeout counts from
+/// there, so that it measures the upstream, not the client's upload speed.
+pub struct Progress(AtomicU64);
+
+impl Progress {
+    pub fn new() -> Self {
+        Self(AtomicU64::new(now_ms()))
+    }
+
+    pub fn touch(&self) {
+        self.0.store(now_ms(), Relaxed);
+    }
+
+    pub fn quiet_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(now_ms().saturating_sub(self.0.load(Relaxed)))
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A request body on its way to an upstream.
 pub enum UpstreamBody {
     /// The client's body, streamed.
-    Streamed(Incoming),
+    Streamed(Incoming, std::sync::Arc<Progress>),
     /// A body held in memory (empty bodies, and bodies kept for a retry).
     Buffered(Option<Bytes>),
 }
@@ -46,21 +72,25 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Self::Streamed(body, progress) => {
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                progress.touch();
+                Poll::Ready(frame)
+            }
             Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Streamed(body) => body.is_end_stream(),
+            Self::Streamed(body, _) => body.is_end_stream(),
             Self::Buffered(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Streamed(body) => body.size_hint(),
+            Self::Streamed(body, _) => body.size_hint(),
             Self::Buffered(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
             }

@@ -19,7 +19,7 @@ use hyper::{
 
 use super::{
     Shared,
-    body::{ClientBody, PooledConn, UpstreamBody},
+    body::{ClientBody, PooledConn, Progress, UpstreamBody},
     error::ProxyError,
     upstream::Upstream,
 };
@@ -121,10 +121,12 @@ pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) {
     if !peer.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    if (!peer.trusted || !headers.contains_key(&X_FORWARDED_HOST))
-        && let Some(host) = headers.get(header::HOST).cloned()
-    {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    if !peer.trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+            // HTTP/1.0 without Host: nothing to forward, and the client's claim is not kept.
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
     }
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), new_request_id());
@@ -184,7 +186,8 @@ pub async fn handle(
     peer: &Peer,
 ) -> Response<ClientBody> {
     let started = Instant::now();
-    shared.metrics.in_flight.fetch_add(1, Relaxed);
+    // Decremented on drop: hyper drops this future when the client goes away mid-request.
+    let _in_flight = InFlightGauge::new(&shared.metrics.in_flight);
     let (mut parts, body) = req.into_parts();
     forwarding_headers(&mut parts.headers, &parts.uri, peer);
     let request_id = parts.headers.get(&X_REQUEST_ID).cloned();
@@ -196,8 +199,23 @@ pub async fn handle(
         }
     };
     shared.metrics.latency.record(started.elapsed());
-    shared.metrics.in_flight.fetch_sub(1, Relaxed);
     response
+}
+
+/// One request counted in `taskd_proxy_in_flight` for as long as it lives.
+struct InFlightGauge<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> InFlightGauge<'a> {
+    fn new(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlightGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 async fn forward(
@@ -233,7 +251,10 @@ async fn forward(
             .to_bytes();
         (Some(bytes.clone()), UpstreamBody::buffered(bytes))
     } else {
-        (None, UpstreamBody::Streamed(body))
+        (
+            None,
+            UpstreamBody::Streamed(body, Arc::new(Progress::new())),
+        )
     };
     let kept_parts = (resendable && replay.is_some()).then(|| parts.clone());
     let mut request = Request::from_parts(parts, first_body);
@@ -293,6 +314,23 @@ async fn try_upstream(
 ) -> Result<Response<ClientBody>, TryError> {
     let config = &shared.config;
     let flight = upstream.begin();
+    if upstream.is_draining() {
+        // Picked just as a drain began: the drain may not have counted this request.
+        return Err(TryError::NotSent(request, "upstream is draining".into()));
+    }
+    // HTTP/1.1 requires Host; a client on HTTP/1.0 may have sent none.
+    if !request.headers().contains_key(header::HOST) {
+        request
+            .headers_mut()
+            .insert(header::HOST, upstream.host_header.clone());
+    }
+    let progress = match request.body() {
+        UpstreamBody::Streamed(_, progress) => {
+            progress.touch();
+            Some(progress.clone())
+        }
+        UpstreamBody::Buffered(_) => None,
+    };
     loop {
         let (mut sender, fresh) = match upstream.checkout(config.idle_timeout) {
             Some(sender) => (sender, false),
@@ -308,18 +346,23 @@ async fn try_upstream(
             }
             continue;
         }
-        let sent =
-            tokio::time::timeout(config.response_timeout, sender.try_send_request(request)).await;
+        let send = sender.try_send_request(request);
+        let sent = match &progress {
+            None => tokio::time::timeout(config.response_timeout, send)
+                .await
+                .ok(),
+            Some(progress) => until_quiet(send, progress, config.response_timeout).await,
+        };
         match sent {
-            Err(_) => return Err(TryError::Timeout),
-            Ok(Err(mut error)) => match error.take_message() {
+            None => return Err(TryError::Timeout),
+            Some(Err(mut error)) => match error.take_message() {
                 Some(back) if !fresh => request = back,
                 Some(back) => {
                     return Err(TryError::NotSent(back, error.into_error().to_string()));
                 }
                 None => return Err(TryError::Sent(error.into_error().to_string())),
             },
-            Ok(Ok(response)) => {
+            Some(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 upstream.statuses.record(parts.status.as_u16());
                 strip_hop_by_hop(&mut parts.headers);
@@ -336,6 +379,27 @@ async fn try_upstream(
                 ));
             }
         }
+    }
+}
+
+/// Awaits `future` (the response headers) until `limit` has passed without the request body
+/// making progress: a slow upload that the upstream is reading is not a slow upstream.
+async fn until_quiet<F: std::future::Future>(
+    future: F,
+    progress: &Progress,
+    limit: std::time::Duration,
+) -> Option<F::Output> {
+    tokio::pin!(future);
+    let mut wait = limit;
+    loop {
+        if let Ok(output) = tokio::time::timeout(wait, &mut future).await {
+            return Some(output);
+        }
+        let quiet = progress.quiet_for();
+        if quiet >= limit {
+            return None;
+        }
+        wait = limit - quiet;
     }
 }
 

@@ -84,19 +84,23 @@ impl Shared {
         }
         let now = now_ms();
         let start = self.next.fetch_add(1, Relaxed);
-        let candidates = (0..n)
-            .map(|i| (start + i) % n)
-            .filter(|i| !tried.contains(i));
-        let available = |i: &usize| upstreams[*i].is_available(now);
+        let open = |i: usize| !tried.contains(&i) && upstreams[i].is_available(now);
+        // The turn goes round the available upstreams only: an unavailable one's share is
+        // spread over all the others instead of falling to its neighbour.
         let chosen = match self.config.strategy {
-            Strategy::RoundRobin => candidates.clone().find(available),
-            Strategy::LeastConn => candidates
-                .clone()
-                .filter(available)
-                .min_by_key(|i| upstreams[*i].in_flight()),
+            Strategy::RoundRobin => nth_of(n, start, open),
+            Strategy::LeastConn => (0..n)
+                .filter(|&i| open(i))
+                .map(|i| upstreams[i].in_flight())
+                .min()
+                .and_then(|least| {
+                    nth_of(n, start, |i| open(i) && upstreams[i].in_flight() == least)
+                }),
         };
-        chosen.or_else(|| {
-            candidates
+        chosen.or_else(|| (0..n).find(|&i| open(i))).or_else(|| {
+            (0..n)
+                .map(|i| (start + i) % n)
+                .filter(|i| !tried.contains(i))
                 .filter(|i| upstreams[*i].state(now) != UpstreamState::Draining)
                 .min_by_key(|i| upstreams[*i].in_flight())
         })
@@ -129,6 +133,16 @@ impl Shared {
             .iter()
             .any(|net: &IpNet| net.contains(&ip))
     }
+}
+
+/// The `start`-th (modulo their number) of the indices below `n` that `keep` accepts; no
+/// allocation.
+fn nth_of(n: usize, start: usize, keep: impl Fn(usize) -> bool) -> Option<usize> {
+    let count = (0..n).filter(|&i| keep(i)).count();
+    if count == 0 {
+        return None;
+    }
+    (0..n).filter(|&i| keep(i)).nth(start % count)
 }
 
 /// One upstream as `/status` shows it.

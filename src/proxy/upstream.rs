@@ -7,7 +7,10 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
     time::{Duration, Instant},
 };
@@ -70,6 +73,8 @@ pub struct Upstream {
     pub url: Arc<str>,
     /// `host:port`, resolved on each new connection when it is not an IP literal.
     authority: String,
+    /// `authority` as a `Host` header, for requests that arrived without one.
+    pub(super) host_header: hyper::header::HeaderValue,
     /// The address when the host is an IP literal (no resolution needed).
     addr: Option<SocketAddr>,
     /// Verdict of the active health checks.
@@ -130,6 +135,8 @@ impl Upstream {
         let addr = authority.parse().ok();
         Self {
             url: url.into(),
+            host_header: hyper::header::HeaderValue::from_str(&authority)
+                .expect("a checked URL's authority is a valid header"),
             authority,
             addr,
             healthy: AtomicBool::new(healthy),
@@ -183,20 +190,26 @@ impl Upstream {
 
     /// Counts a request as started; the guard ends it.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Relaxed);
+        // SeqCst pairs with `set_draining` + `drained`: either the drain sees this request in
+        // flight, or the request sees the drain (`is_draining`) and goes elsewhere.
+        self.in_flight.fetch_add(1, SeqCst);
         self.requests.fetch_add(1, Relaxed);
         InFlight(self.clone())
     }
 
     pub fn set_draining(&self) {
-        self.draining.store(true, Relaxed);
+        self.draining.store(true, SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(SeqCst)
     }
 
     /// Waits until no request is in flight.
     pub async fn drained(&self) {
         loop {
             let notified = self.idle_notify.notified();
-            if self.in_flight.load(Relaxed) == 0 {
+            if self.in_flight.load(SeqCst) == 0 {
                 return;
             }
             notified.await;
@@ -213,7 +226,7 @@ impl Upstream {
         let now = now_ms();
         let window = fail_timeout.as_millis() as u64;
         let mut fails = self.fail_window.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_sub(fails.started_ms) > window {
+        if fails.count == 0 || now.saturating_sub(fails.started_ms) > window {
             fails.started_ms = now;
             fails.count = 0;
         }
@@ -362,7 +375,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
+        if self.0.in_flight.fetch_sub(1, SeqCst) == 1 {
             self.0.idle_notify.notify_waiters();
         }
     }
