@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# taskd proxy vs NGINX in front of the same workers, same run (SPEC §7 "proxy vs NGINX":
+# taskd's throughput >= NGINX's and p99 <= NGINX's at 64 keep-alive connections).
+#
+#   bash scripts/bench-proxy-nginx.sh
+#   DURATION=15 CONNECTIONS=64 WORKERS=2 ROUNDS=2 BASE_PORT=3980 bash scripts/bench-proxy-nginx.sh
+#
+# Installs NGINX and wrk from Debian's packages when missing and builds taskd in release. Starts
+# WORKERS release workers on 127.0.0.1 over a fresh database (rate limits off), NGINX (worker
+# processes: auto; an upstream block with `keepalive 64`, HTTP/1.1 and an empty Connection header
+# as NGINX's docs say; the same X-Forwarded-* and X-Request-Id headers taskd sets; access log off)
+# and `taskd proxy`, each on its own port in front of the same workers. After a warm-up, wrk
+# (keep-alive, CONNECTIONS connections, DURATION seconds) loads each proxy in turn, ROUNDS times,
+# alternating which goes first, on two endpoints:
+#   GET /health/live        - nearly free in the worker: the proxy's own cost dominates;
+#   GET /api/v1/tasks       - an authenticated 20-task page, a Redis cache hit after the first.
+# Prints every run, then per endpoint the best run of each proxy (highest req/s) and the ratios
+# taskd/NGINX of throughput (want >= 1) and p99 (want <= 1), then each proxy's memory.
+#
+# Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, workers
+# BASE_PORT+10.. . Every process started here is stopped on exit; exits non-zero when anything
+# fails to start or a load run fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-15}          # seconds per measured run
+WARMUP=${WARMUP:-3}               # seconds of warm-up per proxy and endpoint
+CONNECTIONS=${CONNECTIONS:-64}
+WORKERS=${WORKERS:-2}
+ROUNDS=${ROUNDS:-2}               # measured runs per proxy and endpoint
+WRK_THREADS=${WRK_THREADS:-2}
+BASE_PORT=${BASE_PORT:-3980}
+PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
+DB=${BENCH_DB:-taskd_bench_proxy}
+OUT=${BENCH_OUT:-target/bench-proxy-nginx}
+
+NGINX_PORT=$BASE_PORT
+TASKD_PORT=$((BASE_PORT + 1))
+ADMIN_PORT=$((BASE_PORT + 2))
+WORKER_BASE=$((BASE_PORT + 10))
+
+die() { echo "bench-proxy-nginx: $*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_ready=
+apt_install() {
+  if [ -z "$apt_ready" ]; then as_root apt-get update -qq; apt_ready=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- tools -------------------------------------------------------------------------------------
+NGINX=$(command -v nginx || true)
+[ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
+if [ -z "$NGINX" ]; then
+  echo "installing nginx"
+  apt_install nginx
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+fi
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk"
+  apt_install wrk
+fi
+for tool in curl jq psql; do command -v "$tool" >/dev/null || die "$tool is needed"; done
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
+BIN=${TASKD_BIN:-target/release/taskd}
+[ -x "$BIN" ] || die "no taskd binary at $BIN"
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-proxy-nginx.XXXXXX")
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$NGINX_PORT" "$TASKD_PORT" "$ADMIN_PORT" $(seq "$WORKER_BASE" $((WORKER_BASE + WORKERS - 1))); do
+  port_free "$port" || die "port $port is in use (set BASE_PORT)"
+done
+
+# --- cleanup: every process started here, by pid ---------------------------------------------
+PIDS=()
+NGINX_PID=
+TASKD_PID=
+FAILED_RUNS=0
+cleanup() {
+  local status=$?
+  set +e
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  if [ "$status" != 0 ]; then
+    for log in "$TMP"/*.log; do
+      [ -s "$log" ] && { echo "--- $(basename "$log") (last lines)"; tail -n 20 "$log"; } >&2
+    done
+  fi
+  cp "$TMP"/*.log "$OUT"/ 2>/dev/null
+  rm -rf "$TMP"
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# wait_http URL PID NAME: until URL answers 2xx, failing when PID exits or after 30 s.
+wait_http() {
+  for _ in $(seq 1 150); do
+    curl -fs -o /dev/null --max-time 1 "$1" && return 0
+    kill -0 "$2" 2>/dev/null || die "$3 exited while starting"
+    sleep 0.2
+  done
+  die "$3 did not answer $1 within 30 s"
+}
+
+# --- workers -----------------------------------------------------------------------------------
+PGOPTIONS="-c client_min_messages=warning" psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="bench-proxy:$$:" TASKD_AUTH__ACCESS_TTL=1h \
+  TASKD_RATE_LIMIT__ENABLED=false
+"$BIN" --log-level warn migrate >"$TMP/migrate.log" 2>&1 || die "taskd migrate failed"
+UPSTREAMS=()
+NGINX_SERVERS=
+for i in $(seq 0 $((WORKERS - 1))); do
+  port=$((WORKER_BASE + i))
+  "$BIN" --log-level warn worker --host 127.0.0.1 --port "$port" --instance-id "w$i" \
+    >"$TMP/worker-$i.log" 2>&1 &
+  PIDS+=($!)
+  UPSTREAMS+=(--upstream "http://127.0.0.1:$port")
+  NGINX_SERVERS+="    server 127.0.0.1:$port;"$'\n'
+done
+for i in $(seq 0 $((WORKERS - 1))); do
+  wait_http "http://127.0.0.1:$((WORKER_BASE + i))/health/ready" "${PIDS[$i]}" "worker $i"
+done
+
+API="http://127.0.0.1:$WORKER_BASE/api/v1"
+TOKEN=$(curl -fs -X POST "$API/auth/register" -H 'Content-Type: application/json' \
+  -d '{"email":"bench-proxy@example.com","password":"bench-password","name":"Bench"}' | jq -r .accessToken) \
+  || die "cannot register the benchmark user"
+[ -n "$TOKEN" ] && [ "$TOKEN" != null ] || die "cannot register the benchmark user"
+for i in $(seq 1 100); do
+  echo "{\"title\":\"Task $i quarterly report\",\"priority\":\"high\",\"description\":\"proxy benchmark data\"}"
+done | xargs -d '\n' -P 4 -I{} curl -fs -o /dev/null -X POST "$API/tasks" \
+  -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d {} \
+  || die "cannot create the benchmark tasks"
+
+# --- NGINX -------------------------------------------------------------------------------------
+mkdir -p "$TMP/nginx"
+NGINX_USER=
+[ "$(id -u)" = 0 ] && NGINX_USER="user $(id -un) $(id -gn);"
+cat >"$TMP/nginx.conf" <<CONF
+# Written by scripts/bench-proxy-nginx.sh.
+$NGINX_USER
+worker_processes auto;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx-error.log warn;
+events {
+    worker_connections 4096;
+}
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/client_body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    # Keep wrk's connections open for the whole run, as taskd does (NGINX's default closes a
+    # client connection after 1000 requests).
+    keepalive_requests 1000000;
+    # X-Request-Id only when the client sent none, as taskd does.
+    map \$http_x_request_id \$bench_request_id {
+        default \$http_x_request_id;
+        ""      \$request_id;
+    }
+
+    upstream taskd_workers {
+$NGINX_SERVERS
+        # Keep-alive to the workers, as in https://nginx.org/en/docs/http/ngx_http_upstream_module.html#keepalive
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT reuseport;
+        location / {
+            proxy_pass http://taskd_workers;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # The headers taskd proxy sets (SPEC §5): Host kept, X-Forwarded-For replaced by the
+            # peer (clients are untrusted), X-Forwarded-Proto/Host, X-Request-Id when absent.
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Forwarded-Host \$http_host;
+            proxy_set_header X-Request-Id \$bench_request_id;
+        }
+    }
+}
+CONF
+"$NGINX" -t -q -p "$TMP/nginx" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" \
+  >"$TMP/nginx-test.log" 2>&1 || die "nginx rejected its config: $(cat "$TMP/nginx-test.log")"
+"$NGINX" -p "$TMP/nginx" -e "$TMP/nginx-error.log" -c "$TMP/nginx.conf" -g 'daemon off;' \
+  >"$TMP/nginx.log" 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_http "http://127.0.0.1:$NGINX_PORT/health/live" "$NGINX_PID" nginx
+
+# --- taskd proxy -------------------------------------------------------------------------------
+"$BIN" --log-level warn proxy --listen "127.0.0.1:$TASKD_PORT" "${UPSTREAMS[@]}" \
+  --admin-listen "127.0.0.1:$ADMIN_PORT" >"$TMP/taskd-proxy.log" 2>&1 &
+TASKD_PID=$!
+PIDS+=("$TASKD_PID")
+wait_http "http://127.0.0.1:$TASKD_PORT/health/live" "$TASKD_PID" "taskd proxy"
+
+# --- load --------------------------------------------------------------------------------------
+ENDPOINTS=("/health/live" "/api/v1/tasks?limit=20")
+port_of() { if [ "$1" = nginx ]; then echo "$NGINX_PORT"; else echo "$TASKD_PORT"; fi; }
+auth_for() { case $1 in /api/*) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;; esac; }
+
+# Latency as wrk prints it (850.00us, 1.23ms, 2.00s) in milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    if (u == "us") n /= 1000; else if (u == "s") n *= 1000; else if (u == "m") n *= 60000
+    printf "%.3f", n }'
+}
+
+# load PROXY ENDPOINT SECONDS FILE: one wrk run; fails on socket errors or non-2xx answers.
+load() {
+  local proxy=$1 endpoint=$2 seconds=$3 file=$4 auth=()
+  mapfile -t auth < <(auth_for "$endpoint")
+  wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s --latency "${auth[@]}" \
+    "http://127.0.0.1:$(port_of "$proxy")$endpoint" >"$file" 2>&1 || die "wrk failed: $(cat "$file")"
+  if grep -qE 'Non-2xx|Socket errors' "$file"; then
+    echo "!! $proxy $endpoint: $(grep -E 'Non-2xx|Socket errors' "$file" | tr -s ' ' | paste -sd';')" >&2
+    FAILED_RUNS=$((FAILED_RUNS + 1))
+  fi
+}
+
+echo "workers: $WORKERS   nginx: 127.0.0.1:$NGINX_PORT   taskd proxy: 127.0.0.1:$TASKD_PORT"
+echo "wrk: $WRK_THREADS threads, $CONNECTIONS keep-alive connections, ${DURATION}s a run, $ROUNDS rounds"
+echo "warming up (${WARMUP}s per proxy and endpoint)"
+for endpoint in "${ENDPOINTS[@]}"; do
+  for proxy in nginx taskd; do load "$proxy" "$endpoint" "$WARMUP" "$TMP/warmup.txt"; done
+done
+
+RESULTS="$OUT/runs.tsv"
+printf 'endpoint\tproxy\tround\treq_s\tp50_ms\tp99_ms\terrors\n' >"$RESULTS"
+echo
+printf '%-24s %-6s %5s %12s %10s %10s  %s\n' endpoint proxy round req/s p50 p99 errors
+for round in $(seq 1 "$ROUNDS"); do
+  # Alternate which proxy goes first so a drifting machine favours neither.
+  if [ $((round % 2)) = 1 ]; then order=(nginx taskd); else order=(taskd nginx); fi
+  for endpoint in "${ENDPOINTS[@]}"; do
+    for proxy in "${order[@]}"; do
+      file="$TMP/run.txt"
+      load "$proxy" "$endpoint" "$DURATION" "$file"
+      rps=$(awk '/Requests\/sec/ {print $2}' "$file")
+      p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$file")")
+      p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$file")")
+      errors=$(grep -E 'Non-2xx|Socket errors' "$file" | tr -s ' ' | paste -sd';' || true)
+      [ -n "$rps" ] || die "no result from wrk: $(cat "$file")"
+      cp "$file" "$OUT/wrk-$proxy-$round-$(echo "$endpoint" | tr -c 'a-z0-9\n' '_').txt"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" "$p99" \
+        "${errors:-0}" >>"$RESULTS"
+      printf '%-24s %-6s %5s %12s %8sms %8sms  %s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" \
+        "$p99" "${errors:-0}"
+    done
+  done
+done
+
+# --- summary -----------------------------------------------------------------------------------
+echo
+echo "best run of each (highest req/s), $CONNECTIONS connections, $WORKERS workers:"
+awk -F'\t' '
+  NR == 1 { next }
+  {
+    key = $1 SUBSEP $2
+    if (!(key in rps) || $4 + 0 > rps[key]) { rps[key] = $4 + 0; p50[key] = $5; p99[key] = $6 }
+    if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 }
+  }
+  END {
+    printf "%-24s %-6s %12s %10s %10s\n", "endpoint", "proxy", "req/s", "p50", "p99"
+    for (i = 1; i <= n; i++) {
+      e = order[i]
+      for (j = 1; j <= 2; j++) {
+        p = (j == 1) ? "nginx" : "taskd"
+        printf "%-24s %-6s %12.0f %8.2fms %8.2fms\n", e, p, rps[e SUBSEP p], p50[e SUBSEP p], p99[e SUBSEP p]
+      }
+      t = rps[e SUBSEP "taskd"] / rps[e SUBSEP "nginx"]
+      l = p99[e SUBSEP "taskd"] / p99[e SUBSEP "nginx"]
+      printf "%-24s %-6s throughput %.2fx (want >= 1)   p99 %.2fx (want <= 1)\n", e, "taskd/nginx", t, l
+    }
+  }' "$RESULTS" | tee "$OUT/summary.txt"
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+nginx_rss=$(rss_kib "$NGINX_PID")
+nginx_procs=1
+for child in $(pgrep -P "$NGINX_PID" || true); do
+  nginx_rss=$((nginx_rss + $(rss_kib "$child")))
+  nginx_procs=$((nginx_procs + 1))
+done
+taskd_rss=$(rss_kib "$TASKD_PID")
+taskd_hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$TASKD_PID/status")
+{
+  echo
+  printf 'memory after the runs: nginx %d MiB RSS (%d processes, summed)   taskd proxy %d MiB RSS (peak %d MiB)\n' \
+    $((nginx_rss / 1024)) "$nginx_procs" $((taskd_rss / 1024)) $((taskd_hwm / 1024))
+} | tee -a "$OUT/summary.txt"
+echo "wrk output and logs: $OUT"
+[ "$FAILED_RUNS" = 0 ] || die "$FAILED_RUNS load runs had errors or non-2xx answers"
