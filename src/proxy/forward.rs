@@ -260,14 +260,17 @@ async fn forward(
     let mut request = Request::from_parts(parts, first_body);
 
     let upstreams = shared.upstreams.load();
-    let mut tried: Vec<usize> = Vec::new();
+    // Upstreams tried so far; `retries` is at most 16 (checked at start-up), so no allocation.
+    let mut tried = [usize::MAX; 17];
+    let mut tries = 0;
     let mut last_failure = None;
     let mut all_unsent = true;
     for attempt in 0..=config.retries {
-        let Some(index) = shared.pick(&upstreams, &tried) else {
+        let Some(index) = shared.pick(&upstreams, &tried[..tries]) else {
             break;
         };
-        tried.push(index);
+        tried[tries] = index;
+        tries += 1;
         if attempt > 0 {
             shared.metrics.retries.fetch_add(1, Relaxed);
         }
