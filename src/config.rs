@@ -445,8 +445,9 @@ impl Default for AdminConfig {
 pub struct SupervisorConfig {
     /// Worker processes. Default 4.
     pub instances: u16,
-    /// First worker port; workers listen on 127.0.0.1 `base_port..base_port+instances-1`.
-    /// Default 3000.
+    /// First worker port; workers start on 127.0.0.1 `base_port..base_port+instances-1`, and
+    /// `base_port+instances` is kept spare for the replacement during a rolling restart (after
+    /// one, workers may sit on any port of that range; `/status` says where). Default 3000.
     pub base_port: u16,
     /// Time between liveness probes (`GET /health/live`) of one worker. Default 1s.
     #[serde(with = "humantime_serde")]
@@ -740,10 +741,10 @@ impl Config {
             )?;
         }
         check(
-            u32::from(self.supervisor.base_port) + u32::from(self.supervisor.instances) <= 65536
+            u32::from(self.supervisor.base_port) + u32::from(self.supervisor.instances) <= 65535
                 && self.supervisor.base_port > 0,
             "supervisor.base_port",
-            "leaves no room for every instance's port",
+            "leaves no room for every instance's port and the spare one",
         )?;
         check(
             tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),

@@ -183,6 +183,9 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     match response.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => request_line!(error, error = %cause, "request failed"),
         None if status >= 500 => request_line!(warn, "request"),
+        // Probes from the proxy and the supervisor arrive every second per worker: passing ones
+        // would drown the log.
+        None if route.starts_with("/health") => request_line!(debug, "request"),
         None => request_line!(info, "request"),
     }
     response
