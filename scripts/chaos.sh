@@ -79,7 +79,8 @@ TOKEN=$(curl -fs -X POST "$API/api/v1/auth/register" -H 'Content-Type: applicati
   -d '{"email":"chaos@example.com","password":"chaos-password","name":"Chaos"}' | jq -r .accessToken)
 LOAD_SECONDS=$((CHAOS_SECONDS + 5))
 "$LOADGEN" --url "$API" --token "$TOKEN" --connections "$CONNECTIONS" \
-  --duration "${LOAD_SECONDS}s" --post-every "$POST_EVERY" >"$OUT/load.json" &
+  --duration "${LOAD_SECONDS}s" --post-every "$POST_EVERY" --accepted-keys "$OUT/accepted-keys.txt" \
+  >"$OUT/load.json" &
 LOAD=$!
 sleep 2
 
@@ -120,10 +121,20 @@ exit_code=0
 wait "$SERVE" || exit_code=$?
 SERVE=""
 
-read -r tasks distinct <<<"$(psql "$PG/$DB" -Atc "SELECT count(*), count(DISTINCT title) FROM tasks WHERE title LIKE 'chaos %'" | tr '|' ' ')"
+# Tasks per key in PostgreSQL against the keys the load generator saw accepted (2xx).
+read -r tasks distinct duplicates lost <<<"$(psql "$PG/$DB" -qAt -F ' ' <<SQL
+CREATE TEMP TABLE accepted (key text PRIMARY KEY);
+\copy accepted FROM '$OUT/accepted-keys.txt'
+SELECT (SELECT count(*) FROM tasks WHERE title LIKE 'chaos %'),
+       (SELECT count(DISTINCT title) FROM tasks WHERE title LIKE 'chaos %'),
+       (SELECT count(*) FROM (SELECT title FROM tasks WHERE title LIKE 'chaos %'
+                              GROUP BY title HAVING count(*) > 1) AS twice),
+       (SELECT count(*) FROM accepted a
+         WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.title = 'chaos ' || a.key));
+SQL
+)"
 accepted=$(jq '.ok.POST // 0' "$OUT/load.json")
-duplicates=$((tasks - distinct))
-lost=$((accepted - distinct))
+unanswered=$((distinct - accepted + lost))
 never=$(grep -c never "$OUT/recoveries.txt" || true)
 max_recovery=$(awk '$2 != "never" { if ($2 > m) m = $2 } END { print m + 0 }' "$OUT/recoveries.txt")
 mean_recovery=$(awk '$2 != "never" { s += $2; n++ } END { if (n) printf "%d", s / n; else print 0 }' "$OUT/recoveries.txt")
@@ -137,7 +148,9 @@ jq -r '"load:        \(.requests) requests in \(.seconds) s (\(.rps) req/s) at \
        (.failureSamples[] | "  failure:   \(.)")' "$OUT/load.json"
 echo "kills:       $kills (kill -9), restarts in /status: $restarts"
 echo "recovery:    max ${max_recovery} ms, mean ${mean_recovery} ms (killed -> ready again), never back: $never"
-echo "idempotent:  $accepted POSTs accepted, $tasks tasks in PostgreSQL, $distinct distinct keys: duplicates $duplicates, lost $lost"
+echo "idempotent:  $accepted POSTs accepted, $tasks tasks in PostgreSQL for $distinct distinct keys:"
+echo "             keys with more than one task $duplicates, accepted keys without a task $lost,"
+echo "             tasks whose POST got no 2xx (created, then the answer failed) $unanswered"
 echo "supervisor:  RSS $((rss_kib / 1024)) MiB (proxy + supervisor, after the run); exit code $exit_code after SIGTERM"
 echo "startup:     4 workers ready ${ready} ms after start"
 

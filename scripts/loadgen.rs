@@ -35,6 +35,9 @@ struct Args {
     /// One request in this many is a POST (0: GETs only).
     #[arg(long, default_value_t = 5)]
     post_every: u64,
+    /// File to write the `Idempotency-Key` of every POST answered 2xx to, one per line.
+    #[arg(long)]
+    accepted_keys: Option<std::path::PathBuf>,
     /// Per-request timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -47,6 +50,7 @@ struct Tally {
     samples: Vec<String>,
     latencies_us: Vec<u64>,
     replayed: u64,
+    accepted_keys: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -77,8 +81,8 @@ async fn main() {
                 while Instant::now() < deadline {
                     n += 1;
                     let post = post_every > 0 && n % post_every == 0;
+                    let key = uuid::Uuid::new_v4().to_string();
                     let (method, request) = if post {
-                        let key = uuid::Uuid::new_v4().to_string();
                         let request = client
                             .post(&create)
                             .header("idempotency-key", &key)
@@ -108,7 +112,12 @@ async fn main() {
                     };
                     tally.latencies_us.push(sent.elapsed().as_micros() as u64);
                     match outcome {
-                        Ok(()) => *tally.ok.entry(method).or_default() += 1,
+                        Ok(()) => {
+                            *tally.ok.entry(method).or_default() += 1;
+                            if post {
+                                tally.accepted_keys.push(key);
+                            }
+                        }
                         Err(why) => {
                             *tally.failed.entry(method).or_default() += 1;
                             if tally.samples.len() < 5 {
@@ -133,6 +142,12 @@ async fn main() {
         total.samples.extend(tally.samples);
         total.latencies_us.extend(tally.latencies_us);
         total.replayed += tally.replayed;
+        total.accepted_keys.extend(tally.accepted_keys);
+    }
+    if let Some(path) = &args.accepted_keys {
+        let mut text = total.accepted_keys.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).expect("write the accepted keys");
     }
     let elapsed = started.elapsed().as_secs_f64();
     total.latencies_us.sort_unstable();

@@ -470,7 +470,11 @@ pub struct SupervisorConfig {
     /// Longest wait between restarts. Default 30s.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// A worker up this long has its backoff reset. Default 10s.
+    /// A worker whose process lived this long (from spawn) did not crash-loop: its death
+    /// restarts it immediately and resets its backoff. Default 2s: a failed start (bad
+    /// configuration, busy port, database down) dies well within it, while a worker that served
+    /// for a few seconds and then died (OOM kill, kill -9) is back at once. Like PM2's
+    /// `min_uptime` and supervisord's `startsecs`.
     #[serde(with = "humantime_serde")]
     pub min_uptime: Duration,
 }
@@ -487,7 +491,7 @@ impl Default for SupervisorConfig {
             start_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            min_uptime: Duration::from_secs(10),
+            min_uptime: Duration::from_secs(2),
         }
     }
 }
