@@ -35,6 +35,10 @@ struct Args {
     /// One request in this many is a POST (0: GETs only).
     #[arg(long, default_value_t = 5)]
     post_every: u64,
+    /// Send POSTs without `Idempotency-Key` (the proxy then never retries one that reached a
+    /// worker: what a rolling restart must survive).
+    #[arg(long)]
+    no_idempotency_key: bool,
     /// File to write the `Idempotency-Key` of every POST answered 2xx to, one per line.
     #[arg(long)]
     accepted_keys: Option<std::path::PathBuf>,
@@ -74,7 +78,7 @@ async fn main() {
                 create.clone(),
                 args.token.clone(),
             );
-            let post_every = args.post_every;
+            let (post_every, plain) = (args.post_every, args.no_idempotency_key);
             tokio::spawn(async move {
                 let mut tally = Tally::default();
                 let mut n = i as u64;
@@ -83,10 +87,12 @@ async fn main() {
                     let post = post_every > 0 && n % post_every == 0;
                     let key = uuid::Uuid::new_v4().to_string();
                     let (method, request) = if post {
-                        let request = client
+                        let mut request = client
                             .post(&create)
-                            .header("idempotency-key", &key)
                             .json(&json!({ "title": format!("chaos {key}") }));
+                        if !plain {
+                            request = request.header("idempotency-key", &key);
+                        }
                         ("POST", request)
                     } else {
                         ("GET", client.get(&list))
