@@ -3,7 +3,7 @@
 use std::{
     io::BufRead,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -35,6 +35,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// One-command local cluster: migrations, N workers, the proxy and the admin listener;
+    /// workers are probed, restarted, and rolled on SIGHUP.
+    Serve(ServeArgs),
     /// Run the load balancer alone, in front of workers anywhere.
     Proxy(ProxyArgs),
     /// Run the API alone (default 0.0.0.0:3000); applies pending migrations first.
@@ -63,6 +66,24 @@ pub struct ProxyArgs {
     pub admin_listen: Option<SocketAddr>,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Worker processes (overrides supervisor.instances) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub instances: Option<u16>,
+    /// Address clients connect to (overrides proxy.listen) [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// First worker port; workers use 127.0.0.1 ports P..P+N-1, and P+N is kept spare for
+    /// rolling restarts (overrides supervisor.base_port) [default: 3000].
+    #[arg(long, value_name = "P")]
+    pub base_port: Option<u16>,
+    /// Address of the dashboard, /status and /metrics (overrides admin.listen)
+    /// [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+}
+
 fn parse_upstream(raw: &str) -> Result<String, String> {
     crate::config::parse_upstream_url(raw)
 }
@@ -78,6 +99,10 @@ pub struct WorkerArgs {
     /// Name reported in X-Served-By and logs [default: <hostname>:<port>].
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Shut down gracefully when stdin reaches end of file: how `taskd serve` makes its workers
+    /// exit when it is gone, even after SIGKILL (it holds the other end of a pipe).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +169,21 @@ impl Cli {
         }
         let mut proxy = serde_json::Map::new();
         let mut admin = serde_json::Map::new();
+        let mut supervisor = serde_json::Map::new();
+        if let Command::Serve(args) = &self.command {
+            if let Some(instances) = args.instances {
+                supervisor.insert("instances".into(), json!(instances));
+            }
+            if let Some(port) = args.base_port {
+                supervisor.insert("base_port".into(), json!(port));
+            }
+            if let Some(listen) = args.listen {
+                proxy.insert("listen".into(), json!(listen));
+            }
+            if let Some(listen) = args.admin_listen {
+                admin.insert("listen".into(), json!(listen));
+            }
+        }
         if let Command::Proxy(args) = &self.command {
             if let Some(listen) = args.listen {
                 proxy.insert("listen".into(), json!(listen));
@@ -155,7 +195,13 @@ impl Cli {
                 admin.insert("listen".into(), json!(listen));
             }
         }
-        json!({ "telemetry": telemetry, "worker": worker, "proxy": proxy, "admin": admin })
+        json!({
+            "telemetry": telemetry,
+            "worker": worker,
+            "proxy": proxy,
+            "admin": admin,
+            "supervisor": supervisor,
+        })
     }
 }
 
@@ -176,7 +222,7 @@ pub fn run(cli: Cli) -> ExitCode {
     // The proxy serves clients on threads of its own; its main runtime only runs health checks,
     // the admin listener and (under `serve`) the supervisor, so one thread is enough.
     let runtime = match &cli.command {
-        Command::Proxy(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Proxy(_) | Command::Serve(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()
@@ -188,7 +234,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli.command, config));
+    let result = runtime.block_on(dispatch(cli.command, cli.config.as_deref(), config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -199,9 +245,23 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+async fn dispatch(
+    command: Command,
+    config_path: Option<&Path>,
+    config: Config,
+) -> anyhow::Result<()> {
     match command {
-        Command::Worker(_) => crate::worker::run(config).await,
+        Command::Serve(_) => {
+            let launch = crate::supervisor::Launch::current(config_path, &config.telemetry)?;
+            crate::supervisor::run(config, launch, crate::shutdown::on_signal()).await
+        }
+        Command::Worker(args) => {
+            let shutdown = crate::shutdown::on_signal();
+            if args.exit_on_stdin_eof {
+                crate::shutdown::cancel_on_stdin_eof(shutdown.clone());
+            }
+            crate::worker::run(config, shutdown).await
+        }
         Command::Proxy(_) => crate::proxy::run(config, crate::shutdown::on_signal()).await,
         Command::Migrate => {
             crate::db::migrate(&config.database).await?;

@@ -445,8 +445,9 @@ impl Default for AdminConfig {
 pub struct SupervisorConfig {
     /// Worker processes. Default 4.
     pub instances: u16,
-    /// First worker port; workers listen on 127.0.0.1 `base_port..base_port+instances-1`.
-    /// Default 3000.
+    /// First worker port; workers start on 127.0.0.1 `base_port..base_port+instances-1`, and
+    /// `base_port+instances` is kept spare for the replacement during a rolling restart (after
+    /// one, workers may sit on any port of that range; `/status` says where). Default 3000.
     pub base_port: u16,
     /// Time between liveness probes (`GET /health/live`) of one worker. Default 1s.
     #[serde(with = "humantime_serde")]
@@ -469,7 +470,11 @@ pub struct SupervisorConfig {
     /// Longest wait between restarts. Default 30s.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// A worker up this long has its backoff reset. Default 10s.
+    /// A worker whose process lived this long (from spawn) did not crash-loop: its death
+    /// restarts it immediately and resets its backoff. Default 2s: a failed start (bad
+    /// configuration, busy port, database down) dies well within it, while a worker that served
+    /// for a few seconds and then died (OOM kill, kill -9) is back at once. Like PM2's
+    /// `min_uptime` and supervisord's `startsecs`.
     #[serde(with = "humantime_serde")]
     pub min_uptime: Duration,
 }
@@ -486,7 +491,7 @@ impl Default for SupervisorConfig {
             start_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            min_uptime: Duration::from_secs(10),
+            min_uptime: Duration::from_secs(2),
         }
     }
 }
@@ -740,10 +745,10 @@ impl Config {
             )?;
         }
         check(
-            u32::from(self.supervisor.base_port) + u32::from(self.supervisor.instances) <= 65536
+            u32::from(self.supervisor.base_port) + u32::from(self.supervisor.instances) <= 65535
                 && self.supervisor.base_port > 0,
             "supervisor.base_port",
-            "leaves no room for every instance's port",
+            "leaves no room for every instance's port and the spare one",
         )?;
         check(
             tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),

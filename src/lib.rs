@@ -4,11 +4,11 @@
 //!
 //! - [`worker`]: the API process (`taskd worker`): axum handlers, PostgreSQL stores, Redis.
 //! - [`proxy`]: the load balancer (`taskd proxy`): hyper server and pooled upstream connections.
+//! - [`supervisor`]: the local cluster (`taskd serve`): worker processes behind the proxy,
+//!   probed, restarted and rolled.
 //! - [`config`], [`telemetry`], [`shutdown`], [`db`]: the shared base every role stands on.
 //! - [`cli`]: the command line, dispatching to the roles.
 //! - [`seed`]: realistic bulk data for benchmarks and demos (`taskd seed`).
-//!
-//! The supervisor (`taskd serve`) arrives as its own module.
 
 pub mod cli;
 pub mod config;
@@ -16,5 +16,6 @@ pub mod db;
 pub mod proxy;
 pub mod seed;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;
 pub mod worker;

@@ -740,7 +740,7 @@ async fn help_describes_every_flag() {
     for flag in ["--config", "--log-format", "--log-level"] {
         assert!(top.contains(flag), "taskd --help lacks {flag}:\n{top}");
     }
-    for command in ["worker", "migrate", "user", "config"] {
+    for command in ["serve", "worker", "migrate", "user", "config"] {
         assert!(
             top.contains(command),
             "taskd --help lacks {command}:\n{top}"
@@ -759,6 +759,21 @@ async fn help_describes_every_flag() {
         assert!(
             worker.contains(flag),
             "taskd worker --help lacks {flag}:\n{worker}"
+        );
+    }
+
+    let serve = help(h.run(&["serve", "--help"]).await);
+    for flag in [
+        "--config",
+        "--log-format",
+        "--instances",
+        "--listen",
+        "--base-port",
+        "--admin-listen",
+    ] {
+        assert!(
+            serve.contains(flag),
+            "taskd serve --help lacks {flag}:\n{serve}"
         );
     }
 

@@ -128,6 +128,12 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
                 &state.config.worker.trusted_proxies,
             )
         });
+    // The proxy's health checks and the supervisor's probes name themselves (`taskd-...`).
+    let is_probe = route.starts_with("/health")
+        && request
+            .headers()
+            .get(axum::http::header::USER_AGENT)
+            .is_some_and(|agent| agent.as_bytes().starts_with(b"taskd-"));
     let span = tracing::info_span!(
         "request",
         request_id = %id,
@@ -183,6 +189,9 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     match response.extensions().get::<ErrorCause>() {
         Some(ErrorCause(cause)) => request_line!(error, error = %cause, "request failed"),
         None if status >= 500 => request_line!(warn, "request"),
+        // Probes from the proxy and the supervisor arrive every second per worker: passing ones
+        // would drown the log.
+        None if is_probe => request_line!(debug, "request"),
         None => request_line!(info, "request"),
     }
     response

@@ -190,9 +190,9 @@ pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `taskd worker`: migrate, bind, serve until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let shutdown = crate::shutdown::on_signal();
+/// `taskd worker`: migrate, bind, serve until `shutdown` (SIGTERM/SIGINT, or whatever else the
+/// caller wires to it).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = SocketAddr::new(config.worker.host, config.worker.port);
     let state = AppState::new(config, shutdown, true).await?;
     let listener = TcpListener::bind(addr)

@@ -1,0 +1,264 @@
+//! The local cluster (`taskd serve`): worker processes of this same executable behind the proxy
+//! in this process, kept alive, probed, restarted and rolled.
+//!
+//! # Layout
+//!
+//! - [`run`]: start-up order, the signal loop (`SIGHUP` rolling restart, `SIGTERM`/`SIGINT`
+//!   stop) and shutdown order.
+//! - [`instance`]: one worker slot's life as one task: spawn, wait ready, join the proxy, probe,
+//!   stop, restart with backoff, and its part of a rolling restart.
+//! - [`process`]: a worker child process: its command line, its tagged output, its signals.
+//! - [`probe`]: the bare `GET` behind liveness and readiness probes.
+//! - [`backoff`]: the restart delay policy.
+//! - [`status`]: the `workers` of `/status`, worker metrics and the dashboard.
+//!
+//! The supervisor drives the proxy only through [`Proxy`]'s upstream interface (add, drain,
+//! remove) and the admin listener's [`AdminExtension`](crate::proxy::admin::AdminExtension);
+//! workers know nothing of it beyond `--exit-on-stdin-eof`.
+//!
+//! # Ports
+//!
+//! Worker `n` (1-based) starts on `base_port + n - 1`. A rolling restart needs a port for the
+//! replacement while the old worker still serves, so one more port, `base_port + instances`, is
+//! kept spare: the replacement starts there, and the port it frees becomes the next spare. After
+//! a `SIGHUP` a worker may thus sit on any port of `base_port..=base_port + instances`;
+//! `/status` always shows where.
+
+pub mod backoff;
+pub mod instance;
+pub mod probe;
+pub mod process;
+pub mod status;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{Config, ProxyConfig},
+    proxy::{Listeners, Proxy, admin},
+};
+
+pub use process::Launch;
+
+use self::{
+    instance::Control,
+    status::{Board, WorkerState},
+};
+
+/// `taskd serve`: runs until `shutdown`, then stops the proxy (in-flight requests finish) and
+/// then the workers.
+pub async fn run(
+    config: Config,
+    launch: Launch,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // Before anything else: SIGHUP's default action would kill the supervisor.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let sup = config.supervisor.clone();
+    let proxy = Proxy::new(ProxyConfig {
+        upstreams: Vec::new(),
+        ..config.proxy.clone()
+    })?;
+    // Every port is checked before the first worker starts, so a second `taskd serve` fails
+    // at once and leaves nothing behind.
+    let listeners = Listeners::bind(config.proxy.listen, proxy.threads()).with_context(|| {
+        format!(
+            "cannot listen on {} (proxy.listen, --listen): port {} is in use or not available",
+            config.proxy.listen,
+            config.proxy.listen.port()
+        )
+    })?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (admin.listen, --admin-listen): port {} is in use or not available",
+                config.admin.listen,
+                config.admin.listen.port()
+            )
+        })?;
+    for i in 0..sup.instances {
+        let port = sup.base_port + i;
+        check_port(port).with_context(|| {
+            format!(
+                "cannot start worker-{} on 127.0.0.1:{port} (supervisor.base_port + {i}, --base-port): port {port} is in use",
+                i + 1
+            )
+        })?;
+    }
+    let mut spare = sup.base_port.saturating_add(sup.instances);
+    if check_port(spare).is_err() {
+        tracing::warn!(
+            port = spare,
+            "the spare port for rolling restarts is in use; SIGHUP will fail until it is free"
+        );
+    }
+
+    tokio::select! {
+        migrated = crate::db::migrate(&config.database) => {
+            migrated.context("applying migrations before starting workers")?;
+        }
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+
+    let board = Arc::new(Board::new(sup.instances, sup.base_port));
+    let shared = Arc::new(instance::Shared {
+        launch,
+        proxy: proxy.clone(),
+        config: sup.clone(),
+        board: board.clone(),
+    });
+    let workers_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut controls = Vec::new();
+    for index in 0..board.len() {
+        let (tx, rx) = mpsc::channel(1);
+        controls.push(tx);
+        tracker.spawn(instance::run(
+            shared.clone(),
+            index,
+            rx,
+            workers_stop.clone(),
+        ));
+    }
+    tracker.close();
+
+    let proxy_addr = listeners.local_addr();
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(proxy.clone(), Some(board.clone())),
+        shutdown.clone(),
+    ));
+    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
+
+    let all_ready = wait_all_ready(&board, sup.start_timeout, &shutdown).await;
+    if !shutdown.is_cancelled() {
+        print_banner(&board, proxy_addr, admin_addr, started.elapsed(), all_ready);
+    }
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = hangup.recv() => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    free = rolling_restart(&controls, spare) => spare = free,
+                }
+            }
+        }
+    }
+
+    tracing::info!("stopping: proxy first (in-flight requests finish), then workers");
+    match proxy_task.await {
+        Ok(Err(error)) => tracing::error!("proxy: {error:#}"),
+        Err(error) => tracing::error!(%error, "proxy task failed"),
+        Ok(Ok(())) => {}
+    }
+    workers_stop.cancel();
+    tracker.wait().await;
+    let _ = admin_task.await;
+    tracing::info!("taskd serve stopped");
+    Ok(())
+}
+
+/// Fails when something listens on (or holds) `127.0.0.1:port`.
+fn check_port(port: u16) -> std::io::Result<()> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map(drop)
+}
+
+/// Replaces every worker, one at a time (see [`instance`]). Returns the spare port afterwards.
+async fn rolling_restart(controls: &[mpsc::Sender<Control>], mut spare: u16) -> u16 {
+    tracing::info!(
+        workers = controls.len(),
+        "SIGHUP: rolling restart, one worker at a time"
+    );
+    let started = Instant::now();
+    for control in controls {
+        let (done, answer) = oneshot::channel();
+        if control
+            .send(Control::Replace { spare, done })
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        if let Ok(free) = answer.await {
+            spare = free;
+        }
+    }
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "rolling restart finished"
+    );
+    spare
+}
+
+/// Waits until every worker is ready (true), or `timeout` or shutdown (false).
+async fn wait_all_ready(board: &Board, timeout: Duration, shutdown: &CancellationToken) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && !shutdown.is_cancelled() {
+        if board
+            .snapshot()
+            .iter()
+            .all(|w| w.state == WorkerState::Ready)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Where everything is, on stdout.
+fn print_banner(
+    board: &Board,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    took: Duration,
+    all_ready: bool,
+) {
+    let local = |addr: SocketAddr| {
+        if addr.ip().is_unspecified() {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        }
+    };
+    let (api, admin_url) = (local(proxy), local(admin));
+    let workers = board.snapshot();
+    let ready = workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Ready)
+        .count();
+    let headline = if all_ready {
+        format!("{ready} workers ready in {:.2}s", took.as_secs_f64())
+    } else {
+        format!(
+            "{ready} of {} workers ready after {:.1}s (see /status)",
+            workers.len(),
+            took.as_secs_f64()
+        )
+    };
+    let mut text = format!(
+        "\ntaskd serve {}: {headline}\n\n  API        http://{api}/api/v1    (listening on {proxy})\n  Docs       http://{api}/docs\n  Dashboard  http://{admin_url}/\n  Status     http://{admin_url}/status    metrics: http://{admin_url}/metrics\n  Workers   ",
+        env!("CARGO_PKG_VERSION")
+    );
+    for w in &workers {
+        let pid = w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        text.push_str(&format!(" {} 127.0.0.1:{} (pid {pid}) ", w.id, w.port));
+    }
+    text.push_str(
+        "\n  Signals    SIGHUP: rolling restart, zero downtime    SIGTERM / Ctrl-C: graceful stop\n",
+    );
+    println!("{text}");
+}
