@@ -262,15 +262,13 @@ async fn forward(
     let upstreams = shared.upstreams.load();
     // Upstreams tried so far; `retries` is at most 16 (checked at start-up), so no allocation.
     let mut tried = [usize::MAX; 17];
-    let mut tries = 0;
     let mut last_failure = None;
     let mut all_unsent = true;
     for attempt in 0..=config.retries {
-        let Some(index) = shared.pick(&upstreams, &tried[..tries]) else {
+        let Some(index) = shared.pick(&upstreams, &tried[..attempt as usize]) else {
             break;
         };
-        tried[tries] = index;
-        tries += 1;
+        tried[attempt as usize] = index;
         if attempt > 0 {
             shared.metrics.retries.fetch_add(1, Relaxed);
         }
