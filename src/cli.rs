@@ -223,6 +223,11 @@ pub fn run(cli: Cli) -> ExitCode {
     // the admin listener and (under `serve`) the supervisor, so one thread is enough.
     let runtime = match &cli.command {
         Command::Proxy(_) | Command::Serve(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Worker(_) if config.worker.threads > 0 => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(config.worker.threads);
+            builder
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()
@@ -252,7 +257,7 @@ async fn dispatch(
 ) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => {
-            let launch = crate::supervisor::Launch::current(config_path, &config.telemetry)?;
+            let launch = crate::supervisor::Launch::current(config_path, &config)?;
             crate::supervisor::run(config, launch, crate::shutdown::on_signal()).await
         }
         Command::Worker(args) => {

@@ -255,6 +255,10 @@ pub struct WorkerConfig {
     pub port: u16,
     /// Name reported in `X-Served-By` and logs. Default: `<hostname>:<port>`.
     pub instance_id: Option<String>,
+    /// Runtime threads of the worker. Default 0: one per CPU — except under `taskd serve`, where
+    /// 0 means CPUs / instances (at least 1), so that N workers on a few cores do not fight
+    /// over them.
+    pub threads: usize,
     /// Longest a request may take before it is answered 503. Default 30s.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -274,6 +278,7 @@ impl Default for WorkerConfig {
             host: IpAddr::from([0, 0, 0, 0]),
             port: 3000,
             instance_id: None,
+            threads: 0,
             request_timeout: Duration::from_secs(30),
             body_limit: ByteSize::mib(1),
             trusted_proxies: vec![
@@ -687,6 +692,7 @@ impl Config {
         }
         for (ok, key) in [
             (self.proxy.threads <= 256, "proxy.threads"),
+            (self.worker.threads <= 256, "worker.threads"),
             (
                 !self.proxy.connect_timeout.is_zero(),
                 "proxy.connect_timeout",

@@ -23,7 +23,7 @@ use tokio::{
     process::{Child, ChildStdin},
 };
 
-use crate::config::{LogFormat, TelemetryConfig};
+use crate::config::{Config, LogFormat};
 
 /// How to start a worker: this very executable, with the supervisor's global flags.
 #[derive(Debug, Clone)]
@@ -36,15 +36,24 @@ pub struct Launch {
     global: Vec<OsString>,
     /// Whether worker lines are JSON objects, which get a `worker` field instead of a prefix.
     json_logs: bool,
+    /// Each worker's runtime threads: `worker.threads`, or CPUs / instances when that is 0.
+    /// Four multi-threaded workers on two cores spend their time switching (measured: 25 % more
+    /// cached-list throughput through the cluster with one thread each).
+    worker_threads: usize,
 }
 
 impl Launch {
     /// Workers of the running executable, configured as the supervisor was: `config_path` is
     /// the `--config` it was given (if any).
-    pub fn current(
-        config_path: Option<&Path>,
-        telemetry: &TelemetryConfig,
-    ) -> anyhow::Result<Self> {
+    pub fn current(config_path: Option<&Path>, config: &Config) -> anyhow::Result<Self> {
+        let telemetry = &config.telemetry;
+        let worker_threads = match config.worker.threads {
+            0 => {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cpus / usize::from(config.supervisor.instances.max(1))).max(1)
+            }
+            n => n,
+        };
         let exe = std::env::current_exe().context("finding the taskd executable")?;
         let mut global: Vec<OsString> = Vec::new();
         if let Some(path) = config_path {
@@ -66,6 +75,7 @@ impl Launch {
             exe,
             global,
             json_logs: telemetry.log_format == LogFormat::Json,
+            worker_threads,
         })
     }
 }
@@ -92,6 +102,7 @@ impl WorkerProcess {
             .arg(port.to_string())
             .arg("--instance-id")
             .arg(id)
+            .env("TASKD_WORKER__THREADS", launch.worker_threads.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
