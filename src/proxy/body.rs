@@ -12,6 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http_body_util::Full;
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::SendRequest,
@@ -50,16 +51,16 @@ pub enum UpstreamBody {
     /// The client's body, streamed.
     Streamed(Incoming, std::sync::Arc<Progress>),
     /// A body held in memory (empty bodies, and bodies kept for a retry).
-    Buffered(Option<Bytes>),
+    Buffered(Full<Bytes>),
 }
 
 impl UpstreamBody {
     pub fn empty() -> Self {
-        Self::Buffered(None)
+        Self::buffered(Bytes::new())
     }
 
     pub fn buffered(bytes: Bytes) -> Self {
-        Self::Buffered((!bytes.is_empty()).then_some(bytes))
+        Self::Buffered(Full::new(bytes))
     }
 }
 
@@ -77,25 +78,33 @@ impl Body for UpstreamBody {
                 progress.touch();
                 Poll::Ready(frame)
             }
-            Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Buffered(full) => poll_full(full, cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Streamed(body, _) => body.is_end_stream(),
-            Self::Buffered(bytes) => bytes.is_none(),
+            Self::Buffered(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Streamed(body, _) => body.size_hint(),
-            Self::Buffered(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
-            }
+            Self::Buffered(full) => full.size_hint(),
         }
     }
+}
+
+/// One poll of an in-memory body; `Full` cannot fail.
+fn poll_full(
+    full: &mut Full<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    Pin::new(full)
+        .poll_frame(cx)
+        .map(|frame| frame.map(|f| f.map_err(|never| match never {})))
 }
 
 /// Where a finished upstream connection goes back to.
@@ -114,12 +123,12 @@ pub enum ClientBody {
         in_flight: Option<InFlight>,
     },
     /// A response the proxy wrote itself.
-    Local(Option<Bytes>),
+    Local(Full<Bytes>),
 }
 
 impl ClientBody {
     pub fn local(bytes: Bytes) -> Self {
-        Self::Local(Some(bytes))
+        Self::Local(Full::new(bytes))
     }
 
     /// Ends the request: the connection goes back to the pool when its response was read to
@@ -157,23 +166,21 @@ impl Body for ClientBody {
                 }
                 Poll::Ready(frame)
             }
-            Self::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Local(full) => poll_full(full, cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream { body, .. } => body.is_end_stream(),
-            Self::Local(bytes) => bytes.is_none(),
+            Self::Local(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream { body, .. } => body.size_hint(),
-            Self::Local(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len()) as u64)
-            }
+            Self::Local(full) => full.size_hint(),
         }
     }
 }

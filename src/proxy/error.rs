@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use hyper::{
-    Response,
+    Response, StatusCode,
     header::{self, HeaderValue},
 };
 
@@ -29,6 +29,16 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The one mapping from failure to status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
     fn slug(&self) -> &'static str {
         match self {
             ProxyError::ClientBody(_) => "bad-request",

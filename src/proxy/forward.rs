@@ -11,7 +11,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, Method, Request, Response, Uri, Version,
     body::{Body, Incoming},
     header::{self, HeaderName, HeaderValue},
     http::uri::PathAndQuery,
@@ -56,12 +56,10 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(ip: IpAddr, trusted: bool) -> Self {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
         Self {
-            addr: HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header"),
+            // `::ffff:a.b.c.d` (an IPv4 client on a dual-stack socket) is shown as `a.b.c.d`.
+            addr: HeaderValue::from_str(&ip.to_canonical().to_string())
+                .expect("an IP address is a valid header"),
             trusted,
         }
     }
@@ -401,17 +399,6 @@ async fn until_quiet<F: std::future::Future>(
             return None;
         }
         wait = limit - quiet;
-    }
-}
-
-impl ProxyError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        }
     }
 }
 
