@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Resp, TestApp, assert_problem, spawn_app, spawn_app_with, uuid};
+use common::{PASSWORD, Resp, Session, TestApp, assert_problem, spawn_app, spawn_app_with, uuid};
 use fred::{
     prelude::{Builder, ClientLike, KeysInterface},
     types::{Expiration, config::Config as RedisClientConfig},
@@ -236,6 +236,65 @@ async fn a_write_on_one_worker_is_visible_to_the_next_read_on_another() {
         expected.sort();
         assert_eq!(listed(body), expected, "round {round}");
     }
+}
+
+/// A cache hit checks the token's revocation in the same Redis round trip: a token revoked
+/// through one worker gets nothing cached from another — no body, no 304, and no 400 for a bad
+/// query either (the 401 comes first).
+#[tokio::test]
+async fn a_revoked_token_gets_nothing_from_the_cache_on_any_worker() {
+    let a = spawn_app().await;
+    let b = a.spawn_peer().await;
+    let ada = a.register("ada@example.com").await;
+    let other_sign_in = Session::from_auth(a.login("ada@example.com", PASSWORD).await.expect(200));
+    let task = a.create_task(ada.token(), &json!({"title": "one"})).await;
+    let one = task_path(&task);
+    for path in [LIST, one.as_str()] {
+        b.get(path, other_sign_in.token()).await.expect(200);
+        expect_cache(&b.get(path, other_sign_in.token()).await, 200, "HIT");
+    }
+    let etag = b.get(LIST, other_sign_in.token()).await;
+    let etag = etag.header("etag").unwrap().to_owned();
+
+    a.patch(
+        "/api/v1/me",
+        ada.token(),
+        &json!({"password": "a brand new password", "currentPassword": PASSWORD}),
+    )
+    .await
+    .expect(200);
+
+    let stale = other_sign_in.token();
+    for path in [LIST, one.as_str()] {
+        let resp = b.get(path, stale).await;
+        assert_problem(&resp, 401);
+        assert!(!resp.text.contains("\"one\""), "{}", resp.text);
+        assert_eq!(resp.header("x-cache"), None);
+    }
+    let conditional = b
+        .send(
+            b.request(reqwest::Method::GET, LIST, stale)
+                .header("if-none-match", &etag),
+        )
+        .await;
+    assert_problem(&conditional, 401);
+    for bad in [
+        format!("{LIST}?limit=abc"),
+        format!("{LIST}?nonsense=1"),
+        format!("{LIST}?ownerId={}", uuid(&task["id"])),
+        format!("{LIST}/not-a-uuid"),
+    ] {
+        assert_problem(&b.get(&bad, stale).await, 401);
+    }
+
+    // A token issued after the change reads as before (from the cache: nothing changed).
+    let fresh = Session::from_auth(
+        a.login("ada@example.com", "a brand new password")
+            .await
+            .expect(200),
+    );
+    let list = b.get(LIST, fresh.token()).await;
+    assert_eq!(listed(list.expect(200)).len(), 1);
 }
 
 #[tokio::test]

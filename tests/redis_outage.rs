@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Resp, Session, TestApp, assert_problem, spawn_app_with, uuid};
+use common::{PASSWORD, RedisServer, Resp, Session, TestApp, assert_problem, spawn_app_with, uuid};
 use reqwest::Method;
 use serde_json::{Value, json};
 use taskd::config::Config;
@@ -165,6 +165,20 @@ async fn the_api_keeps_answering_without_redis_and_recovers_by_itself() {
         during_outage(worker.get("/health/live", None))
             .await
             .expect(200);
+    }
+
+    // Revocation still works: without Redis the token version comes from PostgreSQL.
+    let bob = a.register("bob@example.com").await;
+    b.get(LIST, bob.token()).await.expect(200);
+    during_outage(a.patch(
+        "/api/v1/me",
+        bob.token(),
+        &json!({"password": "a brand new password", "currentPassword": PASSWORD}),
+    ))
+    .await
+    .expect(200);
+    for worker in [&a, &b] {
+        assert_problem(&during_outage(worker.get(LIST, bob.token())).await, 401);
     }
 
     // With the breaker open, requests do not wait for Redis: only an occasional probe does.

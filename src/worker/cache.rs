@@ -16,6 +16,9 @@
 //! after it found Redis unreachable (its circuit breaker opened), even if it wrote nothing:
 //! other workers' bumps may have been lost in that outage too.
 //!
+//! A read is one `MGET` of the caller's published token version (see [`super::tokens`]), the
+//! epoch, the owner's version and the entry: a hit costs one Redis round trip in all.
+//!
 //! Concurrent misses of one key (under one stamp) in a worker wait for a single database query
 //! (single flight).
 
@@ -35,10 +38,11 @@ use axum::{
 use bytes::{BufMut, Bytes, BytesMut};
 use fred::types::scripts::Script;
 use sha2::{Digest, Sha256};
+use sqlx::PgPool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{error::ApiError, redis::Redis};
+use super::{error::ApiError, redis::Redis, tokens::Bearer};
 use crate::config::CacheConfig;
 
 pub const X_CACHE: &str = "x-cache";
@@ -115,6 +119,15 @@ pub struct Cache {
 
 /// The stamp of an entry: epoch and user version.
 type Stamp = (i64, i64);
+
+/// What a cached read is: whose data (`owner`), which kind of response, and its canonical
+/// query. Equal reads share an entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Read<'a> {
+    pub owner: Uuid,
+    pub kind: &'a str,
+    pub query: &'a str,
+}
 
 impl Cache {
     pub fn new(redis: Redis, config: &CacheConfig) -> Self {
@@ -195,13 +208,18 @@ impl Cache {
         false
     }
 
-    /// Serves `kind` + `query` of `user` from the cache, or computes it with `load` (the JSON
-    /// body) and stores it. Errors of `load` pass through uncached.
+    /// Serves `read` from the cache, or computes it with `load` (the JSON body) and stores it.
+    /// Errors of `load` pass through uncached.
+    ///
+    /// `caller` has not been checked for revocation yet: its published token version is read
+    /// in the same `MGET` as the entry, so a hit costs one Redis round trip, and nothing is
+    /// answered (not even a 304) before the token has passed. Without the cache the check is
+    /// made on its own ([`Bearer::verify`], PostgreSQL when Redis cannot answer).
     pub async fn get_or_load<F, Fut>(
         &self,
-        user: Uuid,
-        kind: &str,
-        query: &str,
+        caller: &Bearer,
+        db: &PgPool,
+        read: Read<'_>,
         request: &HeaderMap,
         load: F,
     ) -> Result<Response, ApiError>
@@ -210,27 +228,37 @@ impl Cache {
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
         if !self.usable().await {
+            caller.verify(&self.redis, db).await?;
             metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
             return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
         }
-        let entry_key = self.entry_key(user, kind, query);
-        let keys = vec![self.epoch_key(), self.version_key(user), entry_key.clone()];
+        let entry_key = self.entry_key(read.owner, read.kind, read.query);
+        let keys = vec![
+            caller.version_key(&self.redis),
+            self.epoch_key(),
+            self.version_key(read.owner),
+            entry_key.clone(),
+        ];
         let stamp = match self.redis.mget(keys).await {
             Ok(values) => {
                 let number = |v: &Option<Bytes>| {
                     v.as_deref()
                         .and_then(|b| std::str::from_utf8(b).ok())
                         .and_then(|s| s.parse::<i64>().ok())
-                        .unwrap_or(0)
                 };
-                let stamp = (number(&values[0]), number(&values[1]));
-                if let Some(cached) = values[2].as_ref().and_then(|raw| decode(raw, stamp)) {
+                caller.accept(number(&values[0]))?;
+                let stamp = (
+                    number(&values[1]).unwrap_or(0),
+                    number(&values[2]).unwrap_or(0),
+                );
+                if let Some(cached) = values[3].as_ref().and_then(|raw| decode(raw, stamp)) {
                     metrics::counter!("cache_requests_total", "outcome" => "hit").increment(1);
                     return Ok(cached.respond(request, "HIT"));
                 }
                 stamp
             }
             Err(_) => {
+                caller.verify(&self.redis, db).await?;
                 metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
                 return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
             }

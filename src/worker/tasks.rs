@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{
     AppState,
-    cache::canonical_query,
+    cache::{Read, canonical_query},
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
     idempotency::IdempotentId,
@@ -24,7 +24,7 @@ use super::{
         self,
         tasks::{CategoryFilter, NewTask, Task, TaskChanges, TaskFilter, TaskSort},
     },
-    tokens::AuthUser,
+    tokens::{AuthUser, Bearer},
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -248,19 +248,36 @@ fn parse_listing(
         Problems))]
 async fn list_tasks(
     State(state): State<AppState>,
-    me: AuthUser,
-    Query(query): Query<ListTasksQuery>,
+    caller: Bearer,
+    query: Result<Query<ListTasksQuery>, ApiError>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if query.owner_id.is_some() {
-        me.require_admin()?;
-    }
-    let (owner, filter, sort, page) = parse_listing(&query, &me)?;
-    let key = canonical_query(uri.query());
+    // The revocation check travels with the cache lookup; a request refused before it is
+    // checked on its own first, so a revoked token gets its 401 whatever else is wrong.
+    let parsed = query.and_then(|Query(query)| {
+        let me = caller.claimed();
+        if query.owner_id.is_some() {
+            me.require_admin()?;
+        }
+        parse_listing(&query, &me)
+    });
+    let (owner, filter, sort, page) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            caller.verify(&state.redis, &state.db).await?;
+            return Err(error);
+        }
+    };
+    let query = canonical_query(uri.query());
+    let read = Read {
+        owner,
+        kind: "tasks",
+        query: &query,
+    };
     state
         .cache
-        .get_or_load(owner, "tasks", &key, &headers, || async {
+        .get_or_load(&caller, &state.db, read, &headers, || async {
             let (rows, total) =
                 store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
             let tag = sort.tag();
@@ -314,13 +331,27 @@ async fn create_task(
         Problems))]
 async fn get_task(
     State(state): State<AppState>,
-    me: AuthUser,
-    PathId(id): PathId,
+    caller: Bearer,
+    id: Result<PathId, ApiError>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let PathId(id) = match id {
+        Ok(id) => id,
+        Err(error) => {
+            caller.verify(&state.redis, &state.db).await?;
+            return Err(error);
+        }
+    };
+    let me = caller.claimed();
+    let kind = format!("task:{id}");
+    let read = Read {
+        owner: me.id,
+        kind: &kind,
+        query: "",
+    };
     state
         .cache
-        .get_or_load(me.id, &format!("task:{id}"), "", &headers, || async {
+        .get_or_load(&caller, &state.db, read, &headers, || async {
             let task = store::tasks::get(&state.db, me.id, id)
                 .await?
                 .ok_or(NO_TASK)?;

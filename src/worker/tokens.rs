@@ -4,7 +4,8 @@
 //! Access tokens carry the user's `token_version`. When it changes (password, role or tier
 //! change, or deletion) the new version is published in Redis for one access-token lifetime, so
 //! every worker refuses older tokens from the next request on while a valid token costs one Redis
-//! GET and no SQL. If Redis cannot answer, the check falls back to PostgreSQL.
+//! GET and no SQL — or nothing extra on a cached read, where that key travels in the cache's own
+//! `MGET` ([`Bearer`]). If Redis cannot answer, the check falls back to PostgreSQL.
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -26,6 +28,7 @@ use super::{
     AppState,
     error::ApiError,
     model::{Role, Tier},
+    redis::Redis,
     store,
 };
 use crate::config::AuthConfig;
@@ -173,8 +176,9 @@ fn hash_with(params: &Params, password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
 }
 
-fn version_key(state: &AppState, user: Uuid) -> String {
-    state.redis.key(&format!("tokver:{user}"))
+/// The Redis key under which `user`'s current token version is published.
+fn version_key(redis: &Redis, user: Uuid) -> String {
+    redis.key(&format!("tokver:{user}"))
 }
 
 /// Makes every worker refuse access tokens of `user` older than `version` (`None`: the user is
@@ -185,7 +189,7 @@ pub async fn publish_version(state: &AppState, user: Uuid, version: Option<i32>)
     let ttl = state.tokens.access_ttl + Duration::from_secs(60);
     if let Err(error) = state
         .redis
-        .set_i64(&version_key(state, user), value, ttl)
+        .set_i64(&version_key(&state.redis, user), value, ttl)
         .await
     {
         tracing::warn!(%error, %user, "could not publish token revocation to Redis");
@@ -209,7 +213,58 @@ impl AuthUser {
     }
 }
 
-impl FromRequestParts<AppState> for AuthUser {
+/// A bearer access token whose signature and expiry are checked, but not yet whether it has
+/// been revoked. Handlers that read through the cache take this and let the cache check the
+/// revocation in the same Redis round trip as the entry ([`crate::worker::cache::Cache`]);
+/// everything else takes [`AuthUser`], which checks it at once.
+#[derive(Debug)]
+pub struct Bearer {
+    claims: Claims,
+}
+
+impl Bearer {
+    /// Who the token says the caller is. Not proof until [`Bearer::accept`] or
+    /// [`Bearer::verify`] has passed: use it only to decide what to look up, never to answer.
+    pub fn claimed(&self) -> AuthUser {
+        AuthUser {
+            id: self.claims.sub,
+            role: self.claims.role,
+            tier: self.claims.tier,
+        }
+    }
+
+    /// The Redis key that holds the caller's published token version.
+    pub fn version_key(&self, redis: &Redis) -> String {
+        version_key(redis, self.claims.sub)
+    }
+
+    /// The caller, if `published` (the value under [`Bearer::version_key`], `None` when
+    /// nothing is published) does not revoke this token.
+    pub fn accept(&self, published: Option<i64>) -> Result<AuthUser, ApiError> {
+        if published.is_some_and(|v| v != i64::from(self.claims.ver)) {
+            return Err(ApiError::Unauthorized("the access token has been revoked"));
+        }
+        Ok(self.claimed())
+    }
+
+    /// Checks the revocation on its own: one Redis GET, or PostgreSQL when Redis cannot answer.
+    pub async fn verify(&self, redis: &Redis, db: &PgPool) -> Result<AuthUser, ApiError> {
+        let published = match redis.get_i64(&self.version_key(redis)).await {
+            Ok(published) => published,
+            Err(error) => {
+                tracing::debug!(%error, "token version check falls back to PostgreSQL");
+                Some(
+                    store::users::token_version(db, self.claims.sub)
+                        .await?
+                        .map_or(DELETED, i64::from),
+                )
+            }
+        };
+        self.accept(published)
+    }
+}
+
+impl FromRequestParts<AppState> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -227,25 +282,19 @@ impl FromRequestParts<AppState> for AuthUser {
             .ok_or(ApiError::Unauthorized(
                 "the Authorization header must be `Bearer <access token>`",
             ))?;
-        let claims = state.tokens.decode(token)?;
-        let current = match state.redis.get_i64(&version_key(state, claims.sub)).await {
-            Ok(published) => published,
-            Err(error) => {
-                tracing::debug!(%error, "token version check falls back to PostgreSQL");
-                Some(
-                    store::users::token_version(&state.db, claims.sub)
-                        .await?
-                        .map_or(DELETED, i64::from),
-                )
-            }
-        };
-        if current.is_some_and(|v| v != i64::from(claims.ver)) {
-            return Err(ApiError::Unauthorized("the access token has been revoked"));
-        }
-        Ok(AuthUser {
-            id: claims.sub,
-            role: claims.role,
-            tier: claims.tier,
+        Ok(Bearer {
+            claims: state.tokens.decode(token)?,
         })
+    }
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Bearer::from_request_parts(parts, state)
+            .await?
+            .verify(&state.redis, &state.db)
+            .await
     }
 }
