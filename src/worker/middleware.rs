@@ -40,6 +40,18 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("non-empty buckets")
                 .build_recorder();
             let handle = recorder.handle();
+            // A recorder that is built, not installed, has no upkeep task of its own: without
+            // one, histogram samples pile up until the next scrape (memory grows with requests).
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawning the metrics upkeep thread");
             // Another recorder may already be installed (e.g. by a test harness): keep ours
             // usable for rendering either way.
             let _ = metrics::set_global_recorder(recorder);

@@ -35,9 +35,21 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
 
-/// Everything a request handler needs; cheap to clone (handles and `Arc`s only).
+/// Everything a request handler needs: one `Arc`, since axum clones the state for every
+/// middleware layer of every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     /// Primary PostgreSQL pool: all writes and reads that must see them.
     pub db: PgPool,
     /// Pool for listings: `database.read_url` when set, else the primary.
@@ -91,7 +103,7 @@ impl AppState {
             .instance_id
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), config.worker.port));
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             db,
             db_read,
             redis,
@@ -104,7 +116,7 @@ impl AppState {
             shutdown,
             metrics: middleware::metrics_handle(),
             config: Arc::new(config),
-        })
+        })))
     }
 }
 

@@ -13,7 +13,7 @@ use std::{net::IpAddr, time::Duration};
 
 use axum::{
     extract::{Request, State},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -22,7 +22,13 @@ use fred::types::scripts::Script;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::{AppState, error::ApiError, middleware::ClientIp, model::Tier};
+use super::{
+    AppState,
+    error::ApiError,
+    middleware::ClientIp,
+    model::Tier,
+    tokens::{self, Claims, SignedClaims},
+};
 use crate::config::RateLimitConfig;
 
 /// Sliding-window counter: the previous window's count, weighted by how much of it still
@@ -62,12 +68,11 @@ impl Identity {
     /// The user of a validly signed bearer token, else the client address. Revocation is not
     /// checked here (that costs a lookup): a revoked token still counts against its user.
     pub fn of(state: &AppState, headers: &HeaderMap, client: IpAddr) -> Self {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .and_then(|(_, token)| state.tokens.decode(token.trim()).ok())
+        Self::from_claims(signed_claims(state, headers).as_ref(), client)
+    }
+
+    fn from_claims(claims: Option<&Claims>, client: IpAddr) -> Self {
+        claims
             .map(|claims| Identity::User {
                 id: claims.sub,
                 tier: claims.tier,
@@ -98,6 +103,12 @@ impl Identity {
             Identity::Anonymous(_) => config.anonymous,
         }
     }
+}
+
+/// The claims of the request's bearer token when it is validly signed and unexpired.
+fn signed_claims(state: &AppState, headers: &HeaderMap) -> Option<Claims> {
+    let token = tokens::bearer_token(headers).ok()?;
+    state.tokens.decode(token).ok()
 }
 
 /// The per-process handles: compiled scripts.
@@ -181,8 +192,12 @@ pub async fn limit(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let identity = Identity::of(&state, request.headers(), client);
+    let claims = signed_claims(&state, request.headers());
+    let identity = Identity::from_claims(claims.as_ref(), client);
     request.extensions_mut().insert(identity.clone());
+    if let Some(claims) = claims {
+        request.extensions_mut().insert(SignedClaims(claims));
+    }
     let config = &state.config.rate_limit;
     if !config.enabled {
         return next.run(request).await;

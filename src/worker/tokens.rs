@@ -13,7 +13,10 @@ use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
     password_hash::SaltString,
 };
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::FromRequestParts,
+    http::{HeaderMap, request::Parts},
+};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
@@ -37,7 +40,7 @@ use crate::config::AuthConfig;
 const DELETED: i64 = -1;
 
 /// The claims of an access token.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id.
     pub sub: Uuid,
@@ -264,27 +267,37 @@ impl Bearer {
     }
 }
 
+/// Claims whose signature and expiry have been checked, left in the request's extensions by
+/// the rate limiter (which decodes the token to know whom to count) so that it is decoded once.
+#[derive(Debug, Clone)]
+pub struct SignedClaims(pub Claims);
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized("an access token is required"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .ok_or(ApiError::Unauthorized(
+            "the Authorization header must be `Bearer <access token>`",
+        ))
+}
+
 impl FromRequestParts<AppState> for Bearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("an access token is required"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| {
-                let (scheme, token) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .ok_or(ApiError::Unauthorized(
-                "the Authorization header must be `Bearer <access token>`",
-            ))?;
-        Ok(Bearer {
-            claims: state.tokens.decode(token)?,
-        })
+        let claims = match parts.extensions.remove::<SignedClaims>() {
+            Some(SignedClaims(claims)) => claims,
+            None => state.tokens.decode(bearer_token(&parts.headers)?)?,
+        };
+        Ok(Bearer { claims })
     }
 }
 
