@@ -236,6 +236,40 @@ async fn the_api_keeps_answering_without_redis_and_recovers_by_itself() {
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
 }
 
+/// When Redis dies its connections drop, and that alone opens the breaker: no request pays
+/// a command timeout, not even the first ones (here the timeout is long enough to tell), and
+/// the recovery probe runs in the background, never in a request.
+#[tokio::test]
+async fn a_dead_redis_costs_no_request_a_timeout() {
+    let mut redis = RedisServer::spawn().await;
+    let long = Duration::from_secs(3);
+    let app = spawn_app_with(|config| {
+        outage_config(&redis)(config);
+        config.redis.command_timeout = long;
+    })
+    .await;
+    let ada = app.register("ada@example.com").await;
+    app.get(LIST, ada.token()).await.expect(200);
+    assert_eq!(x_cache(&app.get(LIST, ada.token()).await), "HIT");
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    // Long enough for several probes (breaker_cooldown is 300 ms here).
+    while started.elapsed() < Duration::from_millis(1500) {
+        let sent = Instant::now();
+        let resp = app.get(LIST, ada.token()).await;
+        resp.expect(200);
+        assert_eq!(x_cache(&resp), "BYPASS");
+        slowest = slowest.max(sent.elapsed());
+    }
+    assert!(
+        slowest < long / 3,
+        "a request waited {slowest:?} on a dead Redis"
+    );
+}
+
 /// Redis freezes (its data survives) while a worker writes: the invalidation cannot reach it.
 /// When Redis answers again, no worker may serve the entry cached before the write.
 #[tokio::test]

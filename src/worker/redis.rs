@@ -3,10 +3,10 @@
 //!
 //! Redis is an accelerator, never the source of truth: every caller has a path for when a
 //! command fails. The breaker keeps an outage cheap: after `breaker_failures` consecutive
-//! failures Redis is skipped (callers get [`RedisError::Unavailable`] at once) for
-//! `breaker_cooldown`; then one call is let through as a probe, and its success closes the
-//! breaker again. Readiness pings bypass the breaker and count as probes, so recovery is noticed
-//! within one probe interval even when no request touches Redis.
+//! failures (a dropped connection counts as one) Redis is skipped — callers get
+//! [`RedisError::Unavailable`] at once, and calls still waiting on it give up — until a
+//! background probe, a PING every `breaker_cooldown`, is answered. No request ever waits on a
+//! Redis that is known to be down. Readiness pings bypass the breaker and count as probes too.
 
 use std::{
     sync::{
@@ -18,9 +18,11 @@ use std::{
 
 use bytes::Bytes;
 use fred::{
-    prelude::{Builder, ClientLike, KeysInterface, Pool},
+    clients::WithOptions,
+    prelude::{Builder, Client, ClientLike, EventInterface, KeysInterface, Options, Pool},
     types::{Expiration, FromValue, config::ReconnectPolicy, scripts::Script},
 };
+use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
 
@@ -39,42 +41,41 @@ pub enum RedisError {
 struct Breaker {
     /// Consecutive failures; the breaker is open while this is at or above `threshold`.
     failures: AtomicU32,
-    /// While open: when the next probe may go, in milliseconds since `origin`.
-    retry_at_ms: AtomicU64,
     /// How many times the breaker has opened: lets callers tell that an outage happened since
     /// they last looked, even if it is over now.
     openings: AtomicU64,
     threshold: u32,
+    /// How often the background probe tries Redis while the breaker is open.
     cooldown: Duration,
-    origin: Instant,
+    /// Woken when the breaker opens: calls still waiting on Redis give up at once instead of
+    /// running out their timeouts against a server that has gone, and the probe starts.
+    opened: Notify,
 }
 
 impl Breaker {
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
-    }
-
-    /// Whether a call may go to Redis now. When the cool-down has passed exactly one caller
-    /// wins the right to probe; the others keep skipping until it reports.
-    fn allow(&self) -> bool {
-        if self.failures.load(Ordering::Acquire) < self.threshold {
-            return true;
+    fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            failures: AtomicU32::new(0),
+            openings: AtomicU64::new(0),
+            threshold,
+            cooldown,
+            opened: Notify::new(),
         }
-        let now = self.now_ms();
-        let retry_at = self.retry_at_ms.load(Ordering::Acquire);
-        now >= retry_at
-            && self
-                .retry_at_ms
-                .compare_exchange(
-                    retry_at,
-                    now + self.cooldown.as_millis() as u64,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
     }
 
-    fn success(&self) {
+    /// Whether a call may go to Redis now.
+    fn allow(&self) -> bool {
+        !self.is_open()
+    }
+
+    /// Reports a call that succeeded; `opening` is [`Breaker::openings`] when it began. An answer
+    /// to a call sent before the breaker opened says nothing about Redis now (it may be the
+    /// last one out of a connection that has since died), so only a call that began under the
+    /// current state — a probe while open, any call while closed — closes the breaker.
+    fn success(&self, opening: u64) {
+        if self.openings.load(Ordering::Acquire) != opening {
+            return;
+        }
         if self.failures.swap(0, Ordering::AcqRel) >= self.threshold {
             tracing::info!("redis is back; circuit breaker closed");
             metrics::gauge!("redis_breaker_open").set(0.0);
@@ -86,15 +87,12 @@ impl Breaker {
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures == self.threshold {
             self.openings.fetch_add(1, Ordering::AcqRel);
-            self.retry_at_ms.store(
-                self.now_ms() + self.cooldown.as_millis() as u64,
-                Ordering::Release,
-            );
             tracing::warn!(
                 cooldown = ?self.cooldown,
                 "redis failed {failures} times in a row; circuit breaker open"
             );
             metrics::gauge!("redis_breaker_open").set(1.0);
+            self.opened.notify_waiters();
         }
     }
 
@@ -138,18 +136,28 @@ impl Redis {
             let _ = connecting.connect().await;
         });
         metrics::gauge!("redis_breaker_open").set(0.0);
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_failures,
+            config.breaker_cooldown,
+        ));
+        // A connection that drops counts as a failure at once. Commands sent in the moment
+        // before fred starts reconnecting would otherwise queue until their timeouts, and a
+        // dead Redis (every connection dropping together) would open the breaker only after
+        // `breaker_failures` of them; now it opens within a millisecond and wakes them.
+        for client in pool.clients() {
+            let breaker = breaker.clone();
+            client.on_error(move |(error, server)| {
+                tracing::debug!(%error, ?server, "redis connection error");
+                breaker.failure();
+                async { Ok(()) }
+            });
+        }
+        tokio::spawn(probe(pool.clone(), breaker.clone(), timeout));
         Ok(Self {
             pool,
             prefix: config.key_prefix.as_str().into(),
             timeout,
-            breaker: Arc::new(Breaker {
-                failures: AtomicU32::new(0),
-                retry_at_ms: AtomicU64::new(0),
-                openings: AtomicU64::new(0),
-                threshold: config.breaker_failures,
-                cooldown: config.breaker_cooldown,
-                origin: Instant::now(),
-            }),
+            breaker,
         })
     }
 
@@ -168,33 +176,54 @@ impl Redis {
         self.breaker.openings.load(Ordering::Acquire)
     }
 
-    /// Runs one command through the breaker and the timeout.
+    /// A connected client of the pool whose commands fail at once, instead of queueing for a
+    /// reconnection, when its connection is down: callers have a fallback, and a dead Redis
+    /// then opens the breaker within a few requests rather than after `breaker_failures`
+    /// command timeouts.
+    fn client(&self) -> WithOptions<Client> {
+        self.pool.next_connected().with_options(&Options {
+            fail_fast: true,
+            ..Options::default()
+        })
+    }
+
+    /// Runs one command through the breaker and the timeout; it also gives up as soon as the
+    /// breaker opens.
     async fn call<T>(
         &self,
         command: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, RedisError> {
+        let opened = self.breaker.opened.notified();
+        tokio::pin!(opened);
+        // Registered before the check, so an opening between the two is not missed.
+        opened.as_mut().enable();
+        let opening = self.breaker.openings.load(Ordering::Acquire);
         if !self.breaker.allow() {
             return Err(RedisError::Unavailable);
         }
-        let result = match tokio::time::timeout(self.timeout, command).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(RedisError::Redis(error)),
-            Err(_) => Err(RedisError::Timeout),
+        let result = tokio::select! {
+            biased;
+            answer = tokio::time::timeout(self.timeout, command) => match answer {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(error)) => Err(RedisError::Redis(error)),
+                Err(_) => Err(RedisError::Timeout),
+            },
+            () = opened => return Err(RedisError::Unavailable),
         };
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => self.breaker.success(opening),
             Err(_) => self.breaker.failure(),
         }
         result
     }
 
     pub async fn get_i64(&self, key: &str) -> Result<Option<i64>, RedisError> {
-        self.call(self.pool.get::<Option<i64>, _>(key)).await
+        self.call(self.client().get::<Option<i64>, _>(key)).await
     }
 
     pub async fn set_i64(&self, key: &str, value: i64, ttl: Duration) -> Result<(), RedisError> {
         self.call(
-            self.pool
+            self.client()
                 .set::<(), _, _>(key, value, Some(ex(ttl)), None, false),
         )
         .await
@@ -202,7 +231,7 @@ impl Redis {
 
     /// Values of `keys` in one round trip (`MGET`; in a cluster the keys must share a slot).
     pub async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Bytes>>, RedisError> {
-        self.call(self.pool.mget::<Vec<Option<Bytes>>, _>(keys))
+        self.call(self.client().mget::<Vec<Option<Bytes>>, _>(keys))
             .await
     }
 
@@ -213,7 +242,7 @@ impl Redis {
         ttl: Duration,
     ) -> Result<(), RedisError> {
         self.call(
-            self.pool
+            self.client()
                 .set::<(), _, _>(key, value, Some(ex(ttl)), None, false),
         )
         .await
@@ -227,7 +256,7 @@ impl Redis {
         ttl: Duration,
     ) -> Result<bool, RedisError> {
         let created: Option<String> = self
-            .call(self.pool.set(
+            .call(self.client().set(
                 key,
                 value,
                 Some(ex(ttl)),
@@ -239,16 +268,16 @@ impl Redis {
     }
 
     pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, RedisError> {
-        self.call(self.pool.get::<Option<Bytes>, _>(key)).await
+        self.call(self.client().get::<Option<Bytes>, _>(key)).await
     }
 
     pub async fn del(&self, key: &str) -> Result<(), RedisError> {
-        self.call(self.pool.del::<(), _>(key)).await
+        self.call(self.client().del::<(), _>(key)).await
     }
 
     /// Remaining time to live of `key` (`None` when it has none or does not exist).
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, RedisError> {
-        let seconds: i64 = self.call(self.pool.ttl(key)).await?;
+        let seconds: i64 = self.call(self.client().ttl(key)).await?;
         Ok(u64::try_from(seconds).ok().map(Duration::from_secs))
     }
 
@@ -259,14 +288,15 @@ impl Redis {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<R, RedisError> {
-        let client = self.pool.next();
-        self.call(script.evalsha_with_reload(client, keys, args))
+        let client = self.client();
+        self.call(script.evalsha_with_reload(&client, keys, args))
             .await
     }
 
     /// Round-trip time of a PING. Bypasses the breaker (readiness must see the truth) and
     /// reports to it, so it doubles as the recovery probe.
     pub async fn ping(&self) -> Result<Duration, RedisError> {
+        let opening = self.breaker.openings.load(Ordering::Acquire);
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, self.pool.ping::<String>(None)).await
         {
@@ -275,11 +305,31 @@ impl Redis {
             Err(_) => Err(RedisError::Timeout),
         };
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => self.breaker.success(opening),
             Err(_) if !self.breaker.is_open() => self.breaker.failure(),
             Err(_) => {}
         }
         result
+    }
+}
+
+/// While the breaker is open, PINGs Redis every `breaker_cooldown` until it answers, then
+/// closes the breaker; sleeps until it opens again. Runs for the life of the pool.
+async fn probe(pool: Pool, breaker: Arc<Breaker>, timeout: Duration) {
+    loop {
+        let opened = breaker.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if !breaker.is_open() {
+            opened.await;
+        }
+        while breaker.is_open() {
+            tokio::time::sleep(breaker.cooldown).await;
+            let opening = breaker.openings.load(Ordering::Acquire);
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, pool.ping::<String>(None)).await {
+                breaker.success(opening);
+            }
+        }
     }
 }
 
@@ -292,46 +342,59 @@ mod tests {
     use super::*;
 
     fn breaker(threshold: u32, cooldown_ms: u64) -> Breaker {
-        Breaker {
-            failures: AtomicU32::new(0),
-            retry_at_ms: AtomicU64::new(0),
-            openings: AtomicU64::new(0),
-            threshold,
-            cooldown: Duration::from_millis(cooldown_ms),
-            origin: Instant::now(),
-        }
+        Breaker::new(threshold, Duration::from_millis(cooldown_ms))
+    }
+
+    fn opening(b: &Breaker) -> u64 {
+        b.openings.load(Ordering::Acquire)
     }
 
     #[test]
-    fn opens_after_consecutive_failures_and_lets_one_probe_through() {
+    fn opens_after_consecutive_failures_and_only_a_success_closes_it() {
         let b = breaker(3, 50);
         b.failure();
         b.failure();
-        b.success();
+        b.success(opening(&b));
         b.failure();
         b.failure();
         assert!(b.allow(), "a success resets the count");
         b.failure();
         assert!(b.is_open());
-        assert_eq!(b.openings.load(Ordering::Acquire), 1);
+        assert_eq!(opening(&b), 1);
         assert!(!b.allow(), "open: skipped");
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow(), "cool-down over: one probe");
-        assert!(!b.allow(), "only one probe at a time");
-        b.success();
+        b.failure();
+        assert!(!b.allow(), "failed probes keep it open");
+        assert_eq!(opening(&b), 1, "and are still the same outage");
+        b.success(opening(&b));
         assert!(!b.is_open());
         assert!(b.allow());
     }
 
     #[test]
-    fn a_failed_probe_keeps_it_open() {
-        let b = breaker(1, 30);
+    fn a_late_answer_from_before_the_opening_does_not_close_it() {
+        let b = breaker(2, 10_000);
+        let before = opening(&b);
         b.failure();
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
         b.failure();
-        assert!(!b.allow());
-        let openings = b.openings.load(Ordering::Acquire);
-        assert_eq!(openings, 1, "a failed probe is still the same outage");
+        assert!(b.is_open());
+        b.success(before);
+        assert!(b.is_open(), "sent before the outage was seen: ignored");
+        b.success(opening(&b));
+        assert!(!b.is_open(), "a probe's answer closes it");
+    }
+
+    #[tokio::test]
+    async fn opening_wakes_the_calls_still_waiting() {
+        let b = breaker(2, 10_000);
+        let waiting = b.opened.notified();
+        tokio::pin!(waiting);
+        waiting.as_mut().enable();
+        b.failure();
+        let still = tokio::time::timeout(Duration::from_millis(20), waiting.as_mut()).await;
+        assert!(still.is_err(), "one failure does not open it");
+        b.failure();
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("woken when the breaker opened");
     }
 }
