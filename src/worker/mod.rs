@@ -96,7 +96,7 @@ impl AppState {
             .context("loading the JWT secret from PostgreSQL")?;
         let tokens = Arc::new(tokens::TokenKeys::new(&secret, &config.auth));
         let passwords = Arc::new(tokens::Passwords::new(&config.auth)?);
-        let redis = redis::Redis::connect(&config.redis)?;
+        let redis = redis::Redis::connect(&config.redis).await?;
         let cache = Arc::new(cache::Cache::new(redis.clone(), &config.cache));
         let instance = config
             .worker

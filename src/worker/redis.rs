@@ -21,7 +21,9 @@ use fred::{
     clients::WithOptions,
     prelude::{Builder, Client, ClientLike, EventInterface, KeysInterface, Options, Pool},
     types::{Expiration, FromValue, config::ReconnectPolicy, scripts::Script},
+    util::redis_keyslot,
 };
+use futures_util::future::try_join_all;
 use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
@@ -110,15 +112,20 @@ pub struct Redis {
     prefix: Arc<str>,
     /// Upper bound for one command, including waiting for a connection.
     timeout: Duration,
+    /// A Redis Cluster: multi-key commands must stay within one hash slot.
+    clustered: bool,
     /// Shared by every clone: one view of Redis health per process.
     breaker: Arc<Breaker>,
 }
 
 impl Redis {
-    /// Builds the pool and starts connecting in the background: a worker starts (degraded)
-    /// while Redis is down, and recovers by itself when it comes back.
-    pub fn connect(config: &RedisConfig) -> anyhow::Result<Self> {
+    /// Builds the pool and starts connecting in the background, waiting up to a second for the
+    /// first connections (commands fail fast: a worker that took requests before it was
+    /// connected would treat them as an outage). A worker starts (degraded) while Redis is down,
+    /// and recovers by itself when it comes back.
+    pub async fn connect(config: &RedisConfig) -> anyhow::Result<Self> {
         let mut client_config = fred::types::config::Config::from_url(&config.url)?;
+        let clustered = client_config.server.is_clustered();
         client_config.fail_fast = false;
         let timeout = config.command_timeout;
         let pool = Builder::from_config(client_config)
@@ -153,10 +160,17 @@ impl Redis {
             });
         }
         tokio::spawn(probe(pool.clone(), breaker.clone(), timeout));
+        if tokio::time::timeout(Duration::from_secs(1), pool.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis is not reachable yet; starting without it");
+        }
         Ok(Self {
             pool,
             prefix: config.key_prefix.as_str().into(),
             timeout,
+            clustered,
             breaker,
         })
     }
@@ -229,10 +243,39 @@ impl Redis {
         .await
     }
 
-    /// Values of `keys` in one round trip (`MGET`; in a cluster the keys must share a slot).
+    /// Values of `keys`, in their order: one `MGET`, or in a cluster (which answers `MGET` only
+    /// for keys of one hash slot) one per slot, sent together.
     pub async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Bytes>>, RedisError> {
-        self.call(self.client().mget::<Vec<Option<Bytes>>, _>(keys))
-            .await
+        if !self.clustered {
+            return self
+                .call(self.client().mget::<Vec<Option<Bytes>>, _>(keys))
+                .await;
+        }
+        let count = keys.len();
+        let mut slots: Vec<(u16, Vec<usize>, Vec<String>)> = Vec::new();
+        for (index, key) in keys.into_iter().enumerate() {
+            let slot = redis_keyslot(key.as_bytes());
+            match slots.iter_mut().find(|(s, _, _)| *s == slot) {
+                Some((_, indices, keys)) => {
+                    indices.push(index);
+                    keys.push(key);
+                }
+                None => slots.push((slot, vec![index], vec![key])),
+            }
+        }
+        let answers = try_join_all(slots.iter().map(|(_, _, keys)| async move {
+            let client = self.client();
+            self.call(client.mget::<Vec<Option<Bytes>>, _>(keys.clone()))
+                .await
+        }))
+        .await?;
+        let mut values = vec![None; count];
+        for ((_, indices, _), answer) in slots.iter().zip(answers) {
+            for (&index, value) in indices.iter().zip(answer) {
+                values[index] = value;
+            }
+        }
+        Ok(values)
     }
 
     pub async fn set_bytes(

@@ -179,9 +179,11 @@ fn hash_with(params: &Params, password: &str) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
 }
 
-/// The Redis key under which `user`'s current token version is published.
+/// The Redis key under which `user`'s current token version is published. `{<user>}` is a
+/// cluster hash tag, the same as the user's cache keys have: in a Redis Cluster a cache read of
+/// one's own data stays one `MGET` on one node (plus the deployment-wide epoch).
 fn version_key(redis: &Redis, user: Uuid) -> String {
-    redis.key(&format!("tokver:{user}"))
+    redis.key(&format!("tokver:{{{user}}}"))
 }
 
 /// Makes every worker refuse access tokens of `user` older than `version` (`None`: the user is

@@ -243,16 +243,27 @@ impl TestApp {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`.
     pub async fn spawn() -> Self {
+        Self::spawn_with(|_| Vec::new()).await
+    }
+
+    /// [`RedisServer::spawn`] with more arguments, made from the port.
+    async fn spawn_with(extra: impl FnOnce(u16) -> Vec<String>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("finding a free port")
             .port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            extra: extra(port),
+        };
         server.start().await;
         server
     }
@@ -268,6 +279,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--daemonize", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -331,6 +343,78 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         // A stopped process still dies of SIGKILL.
         self.kill();
+    }
+}
+
+/// A private three-node Redis Cluster (no replicas) on free loopback ports; the nodes die with
+/// this guard.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers, joins them with `redis-cli --cluster create` and
+    /// waits until every node reports `cluster_state:ok`.
+    pub async fn spawn() -> Self {
+        let dir = tempfile::tempdir().expect("a directory for the cluster's node files");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let path = dir.path().to_owned();
+            nodes.push(
+                RedisServer::spawn_with(|port| {
+                    let file = path.join(format!("nodes-{port}.conf"));
+                    vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        file.display().to_string(),
+                        "--dir".into(),
+                        path.display().to_string(),
+                    ]
+                })
+                .await,
+            );
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running redis-cli --cluster create");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("running redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not form");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    /// `redis-cluster://` URL naming every node.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port));
+        }
+        url
     }
 }
 
