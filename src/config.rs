@@ -106,9 +106,11 @@ pub struct RedisConfig {
     /// Upper bound on one Redis command; past it the request carries on without Redis. Default 250ms.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
-    /// Consecutive failures after which Redis is skipped (circuit breaker open). Default 3.
+    /// Consecutive failures (a dropped connection counts as one) after which Redis is skipped
+    /// (circuit breaker open). Default 3.
     pub breaker_failures: u32,
-    /// How long Redis is skipped before one probe may try it again. Default 1s.
+    /// While the breaker is open, how often a background PING tries Redis; an answer closes it.
+    /// Default 1s.
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
 }
