@@ -10,13 +10,16 @@ use std::{
     net::SocketAddr,
     process::Stdio,
     sync::{
-        Arc, LazyLock, Once,
+        Arc, LazyLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
     },
     time::{Duration, Instant},
 };
 
+mod common;
+
 use bytes::Bytes;
+use common::init_tracing;
 use futures_util::{Stream, future::join_all, stream};
 use http_body_util::{BodyExt, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
@@ -40,18 +43,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Upper bound for anything a test waits for; far above what each step needs.
 const WAIT: Duration = Duration::from_secs(10);
-
-fn init_tracing() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        if let Ok(filter) = std::env::var("TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_test_writer()
-                .try_init();
-        }
-    });
-}
 
 // ---------------------------------------------------------------------------------------------
 // Body pattern: byte `i` of every test body is `i % 251`, so a dropped, duplicated or reordered
@@ -430,6 +421,15 @@ impl TestProxy {
         assert_eq!(response.status(), 200);
         let echo: Value = response.json().await.unwrap();
         echo["upstream"].as_str().unwrap().to_owned()
+    }
+
+    /// Which upstream served each of `n` sequential requests.
+    async fn served_by_each(&self, client: &reqwest::Client, n: usize) -> Vec<String> {
+        let mut served = Vec::with_capacity(n);
+        for _ in 0..n {
+            served.push(self.served_by(client).await);
+        }
+        served
     }
 }
 
@@ -1208,10 +1208,7 @@ async fn failing_upstream_is_ejected_then_returns_after_passing_checks() {
         a.probes() - probes_at_ejection >= 3,
         "back before `rise` probes"
     );
-    let mut served = Vec::new();
-    for _ in 0..4 {
-        served.push(proxy.served_by(&client).await);
-    }
+    let served = proxy.served_by_each(&client, 4).await;
     assert_eq!(served.iter().filter(|s| *s == "a").count(), 2, "{served:?}");
     let metrics = proxy.proxy.render_metrics();
     let series = format!("taskd_proxy_ejections_total{{upstream=\"{}\"}}", a.url);
@@ -1261,10 +1258,7 @@ async fn active_checks_take_an_upstream_out_after_fall_and_back_after_rise() {
         a.probes() - before >= 2,
         "healthy before `rise` passing probes"
     );
-    let mut served = Vec::new();
-    for _ in 0..4 {
-        served.push(proxy.served_by(&client).await);
-    }
+    let served = proxy.served_by_each(&client, 4).await;
     assert_eq!(served.iter().filter(|s| *s == "a").count(), 2, "{served:?}");
 }
 
@@ -1419,10 +1413,7 @@ async fn upstreams_can_be_added_and_removed_at_runtime() {
         proxy.proxy.add_upstream(&b.url, true).is_err(),
         "added twice"
     );
-    let mut served = Vec::new();
-    for _ in 0..4 {
-        served.push(proxy.served_by(&client).await);
-    }
+    let served = proxy.served_by_each(&client, 4).await;
     assert_eq!(served.iter().filter(|s| *s == "b").count(), 2, "{served:?}");
 
     assert!(proxy.proxy.remove_upstream(&a.url));

@@ -263,10 +263,12 @@ impl Redis {
                 None => slots.push((slot, vec![index], vec![key])),
             }
         }
-        let answers = try_join_all(slots.iter().map(|(_, _, keys)| async move {
-            let client = self.client();
-            self.call(client.mget::<Vec<Option<Bytes>>, _>(keys.clone()))
-                .await
+        let answers = try_join_all(slots.iter_mut().map(|(_, _, keys)| {
+            let keys = std::mem::take(keys);
+            async move {
+                let client = self.client();
+                self.call(client.mget::<Vec<Option<Bytes>>, _>(keys)).await
+            }
         }))
         .await?;
         let mut values = vec![None; count];

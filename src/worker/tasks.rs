@@ -264,10 +264,7 @@ async fn list_tasks(
     });
     let (owner, filter, sort, page) = match parsed {
         Ok(parsed) => parsed,
-        Err(error) => {
-            caller.verify(&state.redis, &state.db).await?;
-            return Err(error);
-        }
+        Err(error) => return Err(caller.refuse(&state.redis, &state.db, error).await),
     };
     let query = canonical_query(uri.query());
     let read = Read {
@@ -337,10 +334,7 @@ async fn get_task(
 ) -> Result<Response, ApiError> {
     let PathId(id) = match id {
         Ok(id) => id,
-        Err(error) => {
-            caller.verify(&state.redis, &state.db).await?;
-            return Err(error);
-        }
+        Err(error) => return Err(caller.refuse(&state.redis, &state.db, error).await),
     };
     let me = caller.claimed();
     let kind = format!("task:{id}");

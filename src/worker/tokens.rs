@@ -252,6 +252,15 @@ impl Bearer {
         Ok(self.claimed())
     }
 
+    /// `error`, unless the token has been revoked: then the 401. For requests refused before
+    /// the revocation check would have travelled with the cache lookup.
+    pub async fn refuse(&self, redis: &Redis, db: &PgPool, error: ApiError) -> ApiError {
+        match self.verify(redis, db).await {
+            Ok(_) => error,
+            Err(revoked) => revoked,
+        }
+    }
+
     /// Checks the revocation on its own: one Redis GET, or PostgreSQL when Redis cannot answer.
     pub async fn verify(&self, redis: &Redis, db: &PgPool) -> Result<AuthUser, ApiError> {
         let published = match redis.get_i64(&self.version_key(redis)).await {

@@ -43,7 +43,7 @@ fn redis_url() -> String {
 }
 
 /// Logs of the app under test go to the test output when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
-fn init_tracing() {
+pub fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         if let Ok(filter) = std::env::var("TEST_LOG") {
