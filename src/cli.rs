@@ -223,7 +223,12 @@ pub fn run(cli: Cli) -> ExitCode {
     // the admin listener and (under `serve`) the supervisor, so one thread is enough.
     let runtime = match &cli.command {
         Command::Proxy(_) | Command::Serve(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Worker(_) if config.worker.threads > 0 => {
+        // One thread (what `serve` gives each worker when instances >= CPUs): the
+        // single-threaded scheduler, which wakes tasks without cross-thread hand-offs.
+        Command::Worker(_) if config.worker.threads == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Command::Worker(_) if config.worker.threads > 1 => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(config.worker.threads);
             builder

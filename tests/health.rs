@@ -124,6 +124,58 @@ async fn metrics_are_prometheus_text() {
     );
 }
 
+/// The value of the one `http_requests_total` series with these labels, if it exists.
+fn request_count(metrics: &str, method: &str, route: &str, status: u16) -> Option<f64> {
+    let wanted = [
+        format!("method=\"{method}\""),
+        format!("route=\"{route}\""),
+        format!("status=\"{status}\""),
+    ];
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .find(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn request_counters_count_every_request_and_bound_their_labels() {
+    let app = spawn_app().await;
+    for _ in 0..3 {
+        app.get("/api/v1/categories", None).await.expect(401);
+    }
+    app.get("/api/v1/no-such-route", None).await.expect(404);
+    // A made-up method is counted, but under one label whatever its name.
+    for method in ["BREW", "PROPFIND"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let status = app
+            .send(app.request(method, "/api/v1/categories", None))
+            .await
+            .status;
+        assert_eq!(status, 405);
+    }
+    let metrics = app.get("/metrics", None).await.text;
+    assert_eq!(
+        request_count(&metrics, "GET", "/api/v1/categories", 401),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        request_count(&metrics, "GET", "unmatched", 404),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        request_count(&metrics, "OTHER", "/api/v1/categories", 405),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("BREW") && !metrics.contains("PROPFIND"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn openapi_document_describes_every_route() {
     let app = spawn_app().await;

@@ -227,10 +227,10 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
+        // The paths that load are boxed: their futures (SQL included) are large, and inline
+        // they would make every hit's future as large, to be copied into place per request.
         if !self.usable().await {
-            caller.verify(&self.redis, db).await?;
-            metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
-            return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
+            return Box::pin(self.bypass(caller, db, request, load)).await;
         }
         let entry_key = self.entry_key(read.owner, read.kind, read.query);
         let keys = vec![
@@ -257,15 +257,28 @@ impl Cache {
                 }
                 stamp
             }
-            Err(_) => {
-                caller.verify(&self.redis, db).await?;
-                metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
-                return Ok(Cached::new(load().await?).respond(request, "BYPASS"));
-            }
+            Err(_) => return Box::pin(self.bypass(caller, db, request, load)).await,
         };
         metrics::counter!("cache_requests_total", "outcome" => "miss").increment(1);
-        let cached = self.single_flight(&entry_key, stamp, load).await?;
+        let cached = Box::pin(self.single_flight(&entry_key, stamp, load)).await?;
         Ok(cached.respond(request, "MISS"))
+    }
+
+    /// A read without the cache: the token is checked on its own, then `load` answers.
+    async fn bypass<F, Fut>(
+        &self,
+        caller: &Bearer,
+        db: &PgPool,
+        request: &HeaderMap,
+        load: F,
+    ) -> Result<Response, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>>,
+    {
+        caller.verify(&self.redis, db).await?;
+        metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
+        Ok(Cached::new(load().await?).respond(request, "BYPASS"))
     }
 
     /// Runs `load` and stores its result under `stamp`, unless the same key is already loading

@@ -92,7 +92,8 @@ pub async fn idempotency(
     if request.method() != Method::POST || !request.headers().contains_key(IDEMPOTENCY_KEY) {
         return next.run(request).await;
     }
-    match guarded(&state, client, request, next).await {
+    // Boxed: its future is large, and inline it would be copied along with every request's.
+    match Box::pin(guarded(&state, client, request, next)).await {
         Ok(response) | Err(response) => response,
     }
 }

@@ -2,6 +2,8 @@
 //! line per request; plus the problem+json answers for unknown routes, wrong methods and panics.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, OnceLock},
     time::Instant,
@@ -9,11 +11,12 @@ use std::{
 
 use axum::{
     extract::{ConnectInfo, MatchedPath, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode},
+    http::{HeaderMap, HeaderValue, Method, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use ipnet::IpNet;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
 
@@ -169,27 +172,18 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(X_REQUEST_ID, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&state.instance) {
-        headers.insert(X_SERVED_BY, value);
-    }
+    headers.insert(X_SERVED_BY, state.served_by.clone());
 
     let status = response.status();
     let elapsed = started.elapsed();
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", status.as_str().to_owned()),
-    ];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels[..2])
-        .record(elapsed.as_secs_f64());
+    let method = method_label(&method);
+    record_request(method, &route, status.as_u16(), elapsed);
 
     // The request line carries every field itself (not via the span), so log shippers find
     // them at the top level of a JSON line.
     let latency_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-    let client = client.map(|ip| ip.to_string()).unwrap_or_default();
+    let client = OptionalIp(client);
     let status = status.as_u16();
-    let [(_, method), (_, route), _] = &labels;
     macro_rules! request_line {
         ($level:ident, $($extra:tt)*) => {
             tracing::$level!(
@@ -207,6 +201,92 @@ pub async fn observe(State(state): State<AppState>, request: Request, next: Next
         None => request_line!(info, "request"),
     }
     response
+}
+
+/// The method as a metric label: the standard ones by name, anything else as `OTHER`, so that
+/// made-up methods cannot grow the number of series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
+/// A request's metrics handles, per thread and route: finding a labelled series in the
+/// registry builds its key (label strings) and hashes it, which cost more per request than
+/// everything else this middleware does. The handles are looked up once and kept.
+#[derive(Default)]
+struct RouteMetrics {
+    by_method: Vec<MethodMetrics>,
+}
+
+/// One method's latency histogram and its counter per status.
+struct MethodMetrics {
+    method: &'static str,
+    latency: Histogram,
+    by_status: Vec<(u16, Counter)>,
+}
+
+fn record_request(method: &'static str, route: &str, status: u16, elapsed: std::time::Duration) {
+    thread_local! {
+        static HANDLES: RefCell<HashMap<Box<str>, RouteMetrics>> = RefCell::default();
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        if !handles.contains_key(route) {
+            handles.insert(route.into(), RouteMetrics::default());
+        }
+        let by_method = &mut handles.get_mut(route).expect("just inserted").by_method;
+        let index = match by_method.iter().position(|m| m.method == method) {
+            Some(index) => index,
+            None => {
+                let labels = [("method", method.to_owned()), ("route", route.to_owned())];
+                by_method.push(MethodMetrics {
+                    method,
+                    latency: metrics::histogram!("http_request_duration_seconds", &labels),
+                    by_status: Vec::new(),
+                });
+                by_method.len() - 1
+            }
+        };
+        let MethodMetrics {
+            latency, by_status, ..
+        } = &mut by_method[index];
+        latency.record(elapsed.as_secs_f64());
+        match by_status.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let labels = [
+                    ("method", method.to_owned()),
+                    ("route", route.to_owned()),
+                    ("status", status.to_string()),
+                ];
+                let counter = metrics::counter!("http_requests_total", &labels);
+                counter.increment(1);
+                by_status.push((status, counter));
+            }
+        }
+    });
+}
+
+/// The client address in the request line (empty when unknown), formatted only when the line
+/// is written.
+struct OptionalIp(Option<IpAddr>);
+
+impl std::fmt::Display for OptionalIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 pub async fn not_found() -> ApiError {

@@ -26,7 +26,7 @@ mod users;
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use anyhow::Context;
-use axum::{Router, extract::DefaultBodyLimit, serve::ListenerExt};
+use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue, serve::ListenerExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -66,6 +66,8 @@ pub struct Shared {
     pub passwords: Arc<tokens::Passwords>,
     /// `X-Served-By` value: `worker.instance_id`, default `<hostname>:<port>`.
     pub instance: Arc<str>,
+    /// `instance` as a header value, made once.
+    pub served_by: HeaderValue,
     /// For `uptimeSeconds` in readiness.
     pub started: Instant,
     /// Cancelled when the worker begins shutting down; readiness then answers 503.
@@ -111,6 +113,8 @@ impl AppState {
             limiter: Arc::default(),
             tokens,
             passwords,
+            served_by: HeaderValue::from_str(&instance)
+                .context("worker.instance_id must be a valid header value")?,
             instance: instance.into(),
             started: Instant::now(),
             shutdown,

@@ -217,8 +217,10 @@ pub async fn limit(
         window_ms.to_string(),
         elapsed_ms.to_string(),
     ];
+    // Boxed: the Redis call's future is large, and inline it would make this middleware's
+    // future (copied into place for every request, also with limits off) as large.
     let result: Result<(u64, u64, u64), _> =
-        state.redis.script(&state.limiter.window, keys, args).await;
+        Box::pin(state.redis.script(&state.limiter.window, keys, args)).await;
     let decision = match result {
         Ok((admitted, current, previous)) => decide(
             limit,
