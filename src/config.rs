@@ -101,7 +101,9 @@ pub struct RedisConfig {
     /// Prefix of every key this deployment writes, so several deployments can share one Redis.
     /// Default `taskd:`.
     pub key_prefix: String,
-    /// Connections per worker process. Default 4.
+    /// Connections per worker process. Default 1: the commands of concurrent requests are
+    /// pipelined on it, and one connection carries a worker's load in fewer, fuller writes and
+    /// reads (for the worker and for Redis) than several; more suit a worker with many threads.
     pub pool_size: usize,
     /// Upper bound on one Redis command; past it the request carries on without Redis. Default 250ms.
     #[serde(with = "humantime_serde")]
@@ -120,7 +122,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "taskd:".into(),
-            pool_size: 4,
+            pool_size: 1,
             command_timeout: Duration::from_millis(250),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
@@ -259,7 +261,7 @@ pub struct WorkerConfig {
     pub instance_id: Option<String>,
     /// Runtime threads of the worker. Default 0: one per CPU — except under `taskd serve`, where
     /// 0 means CPUs / instances (at least 1), so that N workers on a few cores do not fight
-    /// over them.
+    /// over them. With 1 the worker runs tokio's single-threaded scheduler.
     pub threads: usize,
     /// Longest a request may take before it is answered 503. Default 30s.
     #[serde(with = "humantime_serde")]
