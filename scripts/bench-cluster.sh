@@ -9,7 +9,10 @@
 # --log-level warn` on 127.0.0.1:$PORT (rate limits off, so the figure is the cache-hit path, not
 # 429s); one user with 100 tasks; the 20-task first page warmed into the cache; then ROUNDS runs
 # of wrk (-t2, CONNECTIONS keep-alive connections, DURATION s each) against it. Prints each
-# round's req/s, p50, p99 and non-2xx, the best round, and the supervisor's RSS afterwards.
+# round's req/s, p50, p99 and non-2xx, and the CPU time each request cost the workers, the
+# supervisor + proxy process and Redis (from /proc: steadier than req/s on a shared machine);
+# then the best round, and the supervisor's RSS afterwards. Settings pass through the
+# environment, e.g. `TASKD_REDIS__POOL_SIZE=4 bash scripts/bench-cluster.sh`.
 # Bounded by ROUNDS x DURATION; 127.0.0.1 only; stops the cluster on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,15 +77,33 @@ cache=$(curl -fs -o /dev/null -D - "$URL" -H "Authorization: Bearer $TOKEN" | tr
 
 echo "GET /api/v1/tasks?limit=20 (cache hit) through taskd serve --instances $INSTANCES," \
   "wrk -t2 -c$CONNECTIONS -d${DURATION}s:"
+# cpu_ticks PID...: user + system CPU time of these processes, in clock ticks.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+WORKER_PIDS=$(pgrep -P "$SERVE" | tr '\n' ' ')
+REDIS_PIDS=$(pgrep -x redis-server | tr '\n' ' ' || true)
 best=0
 for round in $(seq 1 "$ROUNDS"); do
+  before=($(cpu_ticks $WORKER_PIDS) $(cpu_ticks "$SERVE") $(cpu_ticks $REDIS_PIDS))
   wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "Authorization: Bearer $TOKEN" "$URL" \
     >"$OUT/round$round.txt"
   rps=$(awk '/Requests\/sec/ {print $2}' "$OUT/round$round.txt")
   p50=$(awk '$1=="50%" {print $2}' "$OUT/round$round.txt")
   p99=$(awk '$1=="99%" {print $2}' "$OUT/round$round.txt")
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$OUT/round$round.txt")
-  printf 'round %d %10s req/s   p50 %-8s p99 %-8s non-2xx %s\n' "$round" "$rps" "$p50" "$p99" "${non2xx:-0}"
+  after=($(cpu_ticks $WORKER_PIDS) $(cpu_ticks "$SERVE") $(cpu_ticks $REDIS_PIDS))
+  requests=$(awk '/requests in/ {print $1}' "$OUT/round$round.txt")
+  cpu=$(awk -v n="$requests" -v hz="$HZ" -v w=$((after[0] - before[0])) \
+    -v s=$((after[1] - before[1])) -v r=$((after[2] - before[2])) \
+    'BEGIN { f = 1e6 / hz / n; printf "workers %.0f, supervisor+proxy %.0f, redis %.0f", w * f, s * f, r * f }')
+  printf 'round %d %10s req/s   p50 %-8s p99 %-8s non-2xx %s   CPU us/request: %s\n' \
+    "$round" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
   best=$(awk -v a="$best" -v b="$rps" 'BEGIN {print (b > a) ? b : a}')
 done
 echo "best: $best req/s"

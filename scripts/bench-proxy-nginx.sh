@@ -14,8 +14,10 @@
 # alternating which goes first, on two endpoints:
 #   GET /health/live        - nearly free in the worker: the proxy's own cost dominates;
 #   GET /api/v1/tasks       - an authenticated 20-task page, a Redis cache hit after the first.
-# Prints every run, then per endpoint the best run of each proxy (highest req/s) and the ratios
-# taskd/NGINX of throughput (want >= 1) and p99 (want <= 1), then each proxy's memory.
+# Prints every run (with the CPU time per request of the proxy and of the workers, read from
+# /proc: what a request costs, steadier than req/s on a shared machine), then per endpoint the
+# best run of each proxy (highest req/s), the ratios taskd/NGINX of throughput (want >= 1) and
+# p99 (want <= 1) and of the proxy's median CPU per request, then each proxy's memory.
 #
 # Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, workers
 # BASE_PORT+10.. . Every process started here is stopped on exit; exits non-zero when anything
@@ -213,6 +215,18 @@ ENDPOINTS=("/health/live" "/api/v1/tasks?limit=20")
 port_of() { if [ "$1" = nginx ]; then echo "$NGINX_PORT"; else echo "$TASKD_PORT"; fi; }
 auth_for() { case $1 in /api/*) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;; esac; }
 
+# cpu_ticks PID...: user + system CPU time of these processes so far, in clock ticks.
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$@"; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+# per_request TICKS REQUESTS: microseconds of CPU per request.
+per_request() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { printf "%.1f", (n > 0) ? t * 1e6 / hz / n : 0 }'; }
+
 # Latency as wrk prints it (850.00us, 1.23ms, 2.00s) in milliseconds.
 to_ms() {
   awk -v v="$1" 'BEGIN {
@@ -241,26 +255,34 @@ for endpoint in "${ENDPOINTS[@]}"; do
 done
 
 RESULTS="$OUT/runs.tsv"
-printf 'endpoint\tproxy\tround\treq_s\tp50_ms\tp99_ms\terrors\n' >"$RESULTS"
+printf 'endpoint\tproxy\tround\treq_s\tp50_ms\tp99_ms\tproxy_cpu_us\tworkers_cpu_us\terrors\n' >"$RESULTS"
 echo
-printf '%-24s %-6s %5s %12s %10s %10s  %s\n' endpoint proxy round req/s p50 p99 errors
+echo "(proxy cpu, workers cpu: CPU time per request in microseconds, user + system, from /proc)"
+printf '%-24s %-6s %5s %12s %10s %10s %9s %9s  %s\n' endpoint proxy round req/s p50 p99 \
+  "proxy cpu" "wrk. cpu" errors
 for round in $(seq 1 "$ROUNDS"); do
   # Alternate which proxy goes first so a drifting machine favours neither.
   if [ $((round % 2)) = 1 ]; then order=(nginx taskd); else order=(taskd nginx); fi
   for endpoint in "${ENDPOINTS[@]}"; do
     for proxy in "${order[@]}"; do
       file="$TMP/run.txt"
+      if [ "$proxy" = nginx ]; then proxy_pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; else proxy_pids=$TASKD_PID; fi
+      proxy_before=$(cpu_ticks $proxy_pids)
+      workers_before=$(cpu_ticks "${PIDS[@]:0:$WORKERS}")
       load "$proxy" "$endpoint" "$DURATION" "$file"
+      requests=$(awk '/requests in/ {print $1}' "$file")
+      proxy_cpu=$(per_request $(($(cpu_ticks $proxy_pids) - proxy_before)) "$requests")
+      workers_cpu=$(per_request $(($(cpu_ticks "${PIDS[@]:0:$WORKERS}") - workers_before)) "$requests")
       rps=$(awk '/Requests\/sec/ {print $2}' "$file")
       p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$file")")
       p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$file")")
       errors=$(grep -E 'Non-2xx|Socket errors' "$file" | tr -s ' ' | paste -sd';' || true)
       [ -n "$rps" ] || die "no result from wrk: $(cat "$file")"
       cp "$file" "$OUT/wrk-$proxy-$round-$(echo "$endpoint" | tr -c 'a-z0-9\n' '_').txt"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" "$p99" \
-        "${errors:-0}" >>"$RESULTS"
-      printf '%-24s %-6s %5s %12s %8sms %8sms  %s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" \
-        "$p99" "${errors:-0}"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" "$p99" \
+        "$proxy_cpu" "$workers_cpu" "${errors:-0}" >>"$RESULTS"
+      printf '%-24s %-6s %5s %12s %8sms %8sms %9s %9s  %s\n' "$endpoint" "$proxy" "$round" "$rps" "$p50" \
+        "$p99" "$proxy_cpu" "$workers_cpu" "${errors:-0}"
     done
   done
 done
@@ -274,6 +296,13 @@ awk -F'\t' '
     key = $1 SUBSEP $2
     if (!(key in rps) || $4 + 0 > rps[key]) { rps[key] = $4 + 0; p50[key] = $5; p99[key] = $6 }
     if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 }
+    cpus[key] = cpus[key] " " $7
+  }
+  # The median of a space-separated list of numbers.
+  function median(list,    v, k, i, j, t) {
+    k = split(list, v, " ")
+    for (i = 2; i <= k; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+    return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
   }
   END {
     printf "%-24s %-6s %12s %10s %10s\n", "endpoint", "proxy", "req/s", "p50", "p99"
@@ -286,6 +315,8 @@ awk -F'\t' '
       t = rps[e SUBSEP "taskd"] / rps[e SUBSEP "nginx"]
       l = p99[e SUBSEP "taskd"] / p99[e SUBSEP "nginx"]
       printf "%-24s %-6s throughput %.2fx (want >= 1)   p99 %.2fx (want <= 1)\n", e, "taskd/nginx", t, l
+      cn = median(cpus[e SUBSEP "nginx"]); ct = median(cpus[e SUBSEP "taskd"])
+      printf "%-24s %-6s proxy CPU per request (median of rounds): nginx %.1f us, taskd %.1f us, %.2fx\n", e, "", cn, ct, ct / cn
     }
   }' "$RESULTS" | tee "$OUT/summary.txt"
 
