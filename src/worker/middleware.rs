@@ -220,9 +220,9 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// A request's metrics handles, per thread and route: finding a labelled series in the
-/// registry builds its key (label strings) and hashes it, which cost more per request than
-/// everything else this middleware does. The handles are looked up once and kept.
+/// A request's metrics handles, per thread and route. Finding a labelled series in the
+/// registry builds its key (three label strings) and hashes it on every call; the handles are
+/// looked up once per thread instead and kept (routes are the router's, so the map is bounded).
 #[derive(Default)]
 struct RouteMetrics {
     by_method: Vec<MethodMetrics>,
