@@ -77,15 +77,7 @@ cache=$(curl -fs -o /dev/null -D - "$URL" -H "Authorization: Bearer $TOKEN" | tr
 
 echo "GET /api/v1/tasks?limit=20 (cache hit) through taskd serve --instances $INSTANCES," \
   "wrk -t2 -c$CONNECTIONS -d${DURATION}s:"
-# cpu_ticks PID...: user + system CPU time of these processes, in clock ticks.
-cpu_ticks() {
-  local total=0 pid
-  for pid in "$@"; do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
-HZ=$(getconf CLK_TCK)
+. scripts/cpu.sh
 WORKER_PIDS=$(pgrep -P "$SERVE" | tr '\n' ' ')
 REDIS_PIDS=$(pgrep -x redis-server | tr '\n' ' ' || true)
 best=0
@@ -99,9 +91,9 @@ for round in $(seq 1 "$ROUNDS"); do
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$OUT/round$round.txt")
   after=($(cpu_ticks $WORKER_PIDS) $(cpu_ticks "$SERVE") $(cpu_ticks $REDIS_PIDS))
   requests=$(awk '/requests in/ {print $1}' "$OUT/round$round.txt")
-  cpu=$(awk -v n="$requests" -v hz="$HZ" -v w=$((after[0] - before[0])) \
-    -v s=$((after[1] - before[1])) -v r=$((after[2] - before[2])) \
-    'BEGIN { f = 1e6 / hz / n; printf "workers %.0f, supervisor+proxy %.0f, redis %.0f", w * f, s * f, r * f }')
+  cpu="workers $(per_request $((after[0] - before[0])) "$requests")"
+  cpu+=", supervisor+proxy $(per_request $((after[1] - before[1])) "$requests")"
+  cpu+=", redis $(per_request $((after[2] - before[2])) "$requests")"
   printf 'round %d %10s req/s   p50 %-8s p99 %-8s non-2xx %s   CPU us/request: %s\n' \
     "$round" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu"
   best=$(awk -v a="$best" -v b="$rps" 'BEGIN {print (b > a) ? b : a}')

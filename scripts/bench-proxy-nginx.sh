@@ -215,17 +215,7 @@ ENDPOINTS=("/health/live" "/api/v1/tasks?limit=20")
 port_of() { if [ "$1" = nginx ]; then echo "$NGINX_PORT"; else echo "$TASKD_PORT"; fi; }
 auth_for() { case $1 in /api/*) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;; esac; }
 
-# cpu_ticks PID...: user + system CPU time of these processes so far, in clock ticks.
-cpu_ticks() {
-  local total=0 pid
-  for pid in "$@"; do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
-  done
-  echo "$total"
-}
-HZ=$(getconf CLK_TCK)
-# per_request TICKS REQUESTS: microseconds of CPU per request.
-per_request() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN { printf "%.1f", (n > 0) ? t * 1e6 / hz / n : 0 }'; }
+. scripts/cpu.sh
 
 # Latency as wrk prints it (850.00us, 1.23ms, 2.00s) in milliseconds.
 to_ms() {
