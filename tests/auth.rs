@@ -238,6 +238,34 @@ fn sign(secret: &[u8], claims: serde_json::Value) -> String {
     .unwrap()
 }
 
+/// A worker remembers tokens it has verified (their signature is not checked again on every
+/// request); one it has accepted must still stop working the moment it expires.
+#[tokio::test]
+async fn an_accepted_access_token_is_refused_once_it_expires() {
+    let app = spawn_app().await;
+    let session = app.register("ada@example.com").await;
+    let secret: String = sqlx::query_scalar("SELECT value FROM settings WHERE key = 'jwt_secret'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now().timestamp();
+    // Past its `exp` by 3 s, inside the 5 s leeway for clock skew: accepted, for now.
+    let exp = now - 3;
+    let claims = json!({"sub": session.id, "ver": 0, "role": "user", "tier": "free", "iat": now - 60, "exp": exp});
+    let token = sign(secret.as_bytes(), claims);
+    app.get("/api/v1/me", token.as_str()).await.expect(200);
+    app.get("/api/v1/me", token.as_str()).await.expect(200);
+    // Once the leeway is over too, the same token is refused.
+    while chrono::Utc::now().timestamp() <= exp + 5 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let body = assert_problem(&app.get("/api/v1/me", token.as_str()).await, 401).clone();
+    assert!(
+        body["detail"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn expired_forged_and_malformed_access_tokens_are_401() {
     let app = spawn_app().await;
