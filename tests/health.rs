@@ -5,6 +5,7 @@ mod common;
 
 use common::{INSTANCE, TestDb, assert_problem, serve_app, spawn_app, spawn_app_with, test_config};
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 
 fn assert_ready_shape(body: &Value) {
     assert_eq!(body["instance"], INSTANCE);
@@ -95,6 +96,42 @@ async fn postgres_down_is_503_for_readiness_and_the_api() {
         !detail.contains("127.0.0.1") && !detail.to_lowercase().contains("connection refused"),
         "no internal text in {detail}"
     );
+}
+
+/// A pooled connection that PostgreSQL ended while it sat idle (a server restart, an idle
+/// timeout, an administrator) is noticed and replaced before a request gets it: no request fails.
+#[tokio::test]
+async fn a_pooled_connection_ended_while_idle_is_replaced_unnoticed() {
+    let app = spawn_app().await;
+    let ada = app.register("ada@example.com").await;
+    app.post("/api/v1/tasks", ada.token(), &json!({ "title": "before" }))
+        .await
+        .expect(201);
+
+    let mut admin = PgConnection::connect(&app.state.config.database.url)
+        .await
+        .unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 1, "the worker held no connection to end");
+    // Idle for longer than the pool trusts a connection without checking it.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+
+    for title in ["after 1", "after 2", "after 3"] {
+        app.post("/api/v1/tasks", ada.token(), &json!({ "title": title }))
+            .await
+            .expect(201);
+    }
+    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM tasks ORDER BY created_at")
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(titles, ["before", "after 1", "after 2", "after 3"]);
 }
 
 #[tokio::test]
