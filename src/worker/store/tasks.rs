@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
+use sqlx::{FromRow, PgConnection, PgPool, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -453,14 +453,16 @@ pub async fn list(
         .push_bind(owner);
         push_filters(qb, owner, filter, Search::Indexed);
     };
+    // Every statement of the listing on one connection, as in `fetch_page`.
+    let mut conn = db.acquire().await?;
     if !filter.words.is_empty() {
         if sort.indexed() {
-            if let Some(rows) = walk(db, owner, filter, &order, page).await? {
+            if let Some(rows) = walk(&mut conn, owner, filter, &order, page).await? {
                 let total = match page.mode {
                     Mode::Page(_) => {
                         let mut qb = QueryBuilder::new("SELECT count(*) FROM tasks");
                         push_filter(&mut qb);
-                        Some(qb.build_query_scalar().fetch_one(db).await?)
+                        Some(qb.build_query_scalar().fetch_one(&mut *conn).await?)
                     }
                     Mode::Cursor(_) => None,
                 };
@@ -468,12 +470,12 @@ pub async fn list(
             }
         }
         if let Mode::Page(n) = page.mode {
-            return search_page(db, owner, filter, &order, page, n).await;
+            return search_page(&mut conn, owner, filter, &order, page, n).await;
         }
     }
     // Without words, the count is an index-only scan of tasks_owner_filter_idx (or of the
     // dueAt index) and the page a few entries of the sort's index.
-    super::fetch_page(db, COLUMNS, "tasks", push_filter, &order, page).await
+    super::fetch_page_on(&mut conn, COLUMNS, "tasks", push_filter, &order, page).await
 }
 
 /// A search page in page mode that the walk did not find. Its total needs every match, found
@@ -481,7 +483,7 @@ pub async fn list(
 /// visibility is decided), so the page comes from the same scan: `count(*) OVER ()` instead of
 /// a second pass over the same rows.
 async fn search_page(
-    db: &PgPool,
+    conn: &mut PgConnection,
     owner: Uuid,
     filter: &TaskFilter,
     order: &[OrderKey],
@@ -504,7 +506,7 @@ async fn search_page(
         .push_bind(page.limit)
         .push(" OFFSET ")
         .push_bind((n - 1) * page.limit);
-    let rows: Vec<Counted> = qb.build_query_as().fetch_all(db).await?;
+    let rows: Vec<Counted> = qb.build_query_as().fetch_all(&mut *conn).await?;
     let total = match rows.first() {
         Some(row) => row.total,
         // No row: no match at all on page 1; past the last page, count them.
@@ -514,7 +516,7 @@ async fn search_page(
                 QueryBuilder::new(format!("SELECT count(*) FROM tasks{WHERE_OWNER_SEARCHED}"));
             qb.push_bind(owner);
             push_filters(&mut qb, owner, filter, Search::Indexed);
-            qb.build_query_scalar().fetch_one(db).await?
+            qb.build_query_scalar().fetch_one(conn).await?
         }
     };
     Ok((rows.into_iter().map(|row| row.task).collect(), Some(total)))
@@ -528,7 +530,7 @@ async fn search_page(
 /// The walked rows come first in the listing's order, so the first matches among them are the
 /// first matches overall: the page is right whenever it is full.
 async fn walk(
-    db: &PgPool,
+    conn: &mut PgConnection,
     owner: Uuid,
     filter: &TaskFilter,
     order: &[OrderKey],
@@ -559,7 +561,7 @@ async fn walk(
     if offset > 0 {
         qb.push(" OFFSET ").push_bind(offset);
     }
-    let rows: Vec<Task> = qb.build_query_as().fetch_all(db).await?;
+    let rows: Vec<Task> = qb.build_query_as().fetch_all(conn).await?;
     Ok((rows.len() as i64 == page.fetch()).then_some(rows))
 }
 
