@@ -180,12 +180,21 @@ async fn idempotency_keys(app: &TestApp) -> (fred::clients::Client, Vec<String>)
         .build()
         .unwrap();
     redis.init().await.unwrap();
+    // SCAN to the end: one page covers only part of a keyspace that other tests and scripts
+    // share.
     let pattern = format!("{}idem:*", app.redis_prefix);
-    let (_, keys): (String, Vec<String>) = redis
-        .scan_page("0", pattern, Some(10_000), None)
-        .await
-        .unwrap();
-    (redis, keys)
+    let (mut cursor, mut keys) = ("0".to_owned(), Vec::new());
+    loop {
+        let (next, page): (String, Vec<String>) = redis
+            .scan_page(cursor, pattern.clone(), Some(1_000), None)
+            .await
+            .unwrap();
+        keys.extend(page);
+        if next == "0" {
+            break (redis, keys);
+        }
+        cursor = next;
+    }
 }
 
 /// A worker killed after its insert committed but before it stored the answer: the retry (the
