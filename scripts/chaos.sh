@@ -57,8 +57,9 @@ cleanup() {
   fi
   # The run's Redis keys (its idempotency records would stay a day in a shared keyspace).
   if command -v redis-cli >/dev/null; then
-    redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern "$TASKD_REDIS__KEY_PREFIX*" |
-      xargs -r -d '\n' -n 1000 redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null || true
+    local redis=(redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}")
+    "${redis[@]}" --scan --pattern "$TASKD_REDIS__KEY_PREFIX*" |
+      xargs -r -d '\n' -n 1000 "${redis[@]}" del >/dev/null || true
   fi
 }
 trap cleanup EXIT

@@ -137,5 +137,6 @@ pub async fn list(
         qb.push(" WHERE owner_id = ").push_bind(owner);
         super::push_words_ilike(qb, "name", words);
     };
-    super::fetch_page(db, COLUMNS, "categories", filter, ORDER, page).await
+    let mut conn = db.acquire().await?;
+    super::fetch_page(&mut conn, COLUMNS, "categories", filter, ORDER, page).await
 }

@@ -6,7 +6,7 @@ pub mod settings;
 pub mod tasks;
 pub mod users;
 
-use sqlx::{FromRow, PgConnection, PgPool, Postgres, QueryBuilder, postgres::PgRow};
+use sqlx::{FromRow, PgConnection, Postgres, QueryBuilder, postgres::PgRow};
 
 use super::{
     error::ApiError,
@@ -29,26 +29,10 @@ pub(crate) fn push_words_ilike(qb: &mut QueryBuilder<'_, Postgres>, expr: &str, 
 }
 
 /// Runs a listing: `SELECT <columns> FROM <from>` + `filter` (which starts with ` WHERE`) in the
-/// order of `order`, paged by `page`; in page mode also counts the matching rows.
+/// order of `order`, paged by `page`; in page mode also counts the matching rows. Both
+/// statements run on `conn`, one pool checkout: giving a connection back to the pool costs a
+/// round trip (sqlx checks it on release), so a page costs three round trips instead of four.
 pub(crate) async fn fetch_page<T>(
-    db: &PgPool,
-    columns: &str,
-    from: &str,
-    filter: impl Fn(&mut QueryBuilder<'_, Postgres>),
-    order: &[OrderKey],
-    page: &PageRequest,
-) -> Result<(Vec<T>, Option<i64>), ApiError>
-where
-    T: for<'r> FromRow<'r, PgRow> + Send + Unpin,
-{
-    let mut conn = db.acquire().await?;
-    fetch_page_on(&mut conn, columns, from, filter, order, page).await
-}
-
-/// [`fetch_page`] on a connection already checked out. Both statements of a page share it:
-/// giving a connection back to the pool costs a round trip (sqlx checks it on release), so a
-/// page costs three round trips instead of four.
-pub(crate) async fn fetch_page_on<T>(
     conn: &mut PgConnection,
     columns: &str,
     from: &str,

@@ -475,7 +475,7 @@ pub async fn list(
     }
     // Without words, the count is an index-only scan of tasks_owner_filter_idx (or of the
     // dueAt index) and the page a few entries of the sort's index.
-    super::fetch_page_on(&mut conn, COLUMNS, "tasks", push_filter, &order, page).await
+    super::fetch_page(&mut conn, COLUMNS, "tasks", push_filter, &order, page).await
 }
 
 /// A search page in page mode that the walk did not find. Its total needs every match, found

@@ -198,5 +198,6 @@ pub async fn list(
         qb.push(" WHERE true");
         super::push_words_ilike(qb, "(email || ' ' || name)", words);
     };
-    super::fetch_page(db, COLUMNS, "users", filter, ORDER, page).await
+    let mut conn = db.acquire().await?;
+    super::fetch_page(&mut conn, COLUMNS, "users", filter, ORDER, page).await
 }
