@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use sqlx::{
-    ConnectOptions, Connection, Executor, PgPool,
+    ConnectOptions, Connection, PgPool,
     migrate::{MigrateDatabase, Migrator},
     postgres::{PgConnectOptions, PgPoolOptions},
 };
@@ -75,15 +75,24 @@ pub async fn create_if_missing(url: &str) -> anyhow::Result<()> {
 
 /// Creates the database when missing and applies pending migrations. sqlx serialises concurrent
 /// migrators with an advisory lock, so workers starting together apply each migration once.
+///
+/// Migrations run on a connection of their own without `database.statement_timeout`: one may
+/// backfill a table of millions of rows, and a worker waiting for another's migration waits on
+/// the lock rather than giving up.
 pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     create_if_missing(&config.url).await?;
-    let pool = pool(config, &config.url)?;
-    pool.execute("SELECT 1")
+    let mut conn = PgConnectOptions::from_str(&config.url)
+        .with_context(|| format!("database URL {}", redacted(&config.url)))?
+        .application_name("taskd migrate")
+        .options([("statement_timeout", "0")])
+        .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO)
+        .connect()
         .await
         .with_context(|| format!("connecting to {}", redacted(&config.url)))?;
     MIGRATOR
-        .run(&pool)
+        .run_direct(&mut conn)
         .await
         .context("applying database migrations")?;
-    Ok(pool)
+    let _ = conn.close().await;
+    pool(config, &config.url)
 }

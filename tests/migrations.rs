@@ -77,7 +77,27 @@ async fn migrates_an_existing_empty_database() {
     let database = TestDb::create().await;
     let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
     assert_eq!(applied(&pool).await, shipped());
-    assert_eq!(tables(&pool).await.len(), 5);
+    assert_eq!(tables(&pool).await.len(), 6);
+    pool.close().await;
+}
+
+/// Migrations may backfill large tables: they are not bound by `database.statement_timeout`,
+/// which every pooled session has.
+#[tokio::test]
+async fn migrations_are_not_cut_short_by_the_statement_timeout() {
+    let database = TestDb::reserve();
+    let config = DatabaseConfig {
+        statement_timeout: std::time::Duration::from_millis(1),
+        ..config(&database.url)
+    };
+    let pool = taskd::db::migrate(&config).await.unwrap();
+    assert_eq!(applied(&pool).await, shipped());
+    // The pool's sessions keep the limit.
+    let limit: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(limit, "1ms");
     pool.close().await;
 }
 
