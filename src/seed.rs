@@ -361,7 +361,7 @@ pub async fn run(config: &Config, args: &SeedArgs) -> anyhow::Result<()> {
     }
     // Statistics for the planner, the visibility map for index-only scans, and the GIN pending
     // list merged into the index. `&str` runs over the simple protocol, as VACUUM requires.
-    db.execute("VACUUM (ANALYZE) users, categories, tasks")
+    db.execute("VACUUM (ANALYZE) users, categories, tasks, task_terms")
         .await
         .context("vacuuming")?;
     tracing::info!(

@@ -57,7 +57,14 @@ async fn creates_a_missing_database_and_reruns_cleanly() {
     assert_eq!(applied(&pool).await, shipped());
     assert_eq!(
         tables(&pool).await,
-        ["categories", "refresh_tokens", "settings", "tasks", "users"]
+        [
+            "categories",
+            "refresh_tokens",
+            "settings",
+            "task_terms",
+            "tasks",
+            "users"
+        ]
     );
     pool.close().await;
 

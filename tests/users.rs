@@ -19,11 +19,14 @@ async fn give_data(app: &TestApp, session: &Session) -> Uuid {
     uuid(&category["id"])
 }
 
-async fn owned_rows(app: &TestApp, user: Uuid) -> (i64, i64) {
+/// The user's tasks, categories and search vocabulary (the words of its tasks: "a" and "b").
+async fn owned_rows(app: &TestApp, user: Uuid) -> (i64, i64, i64) {
     (
         app.count("SELECT count(*) FROM tasks WHERE owner_id = $1", user)
             .await,
         app.count("SELECT count(*) FROM categories WHERE owner_id = $1", user)
+            .await,
+        app.count("SELECT count(*) FROM task_terms WHERE owner_id = $1", user)
             .await,
     )
 }
@@ -157,11 +160,11 @@ async fn delete_me_removes_the_account_its_data_and_its_tokens() {
     let bystander = app.register("bob@example.com").await;
     give_data(&app, &session).await;
     give_data(&app, &bystander).await;
-    assert_eq!(owned_rows(&app, session.id).await, (2, 1));
+    assert_eq!(owned_rows(&app, session.id).await, (2, 1, 2));
 
     let resp = app.delete("/api/v1/me", session.token()).await;
     assert_eq!(resp.status, 204, "{}", resp.text);
-    assert_eq!(owned_rows(&app, session.id).await, (0, 0));
+    assert_eq!(owned_rows(&app, session.id).await, (0, 0, 0));
     assert_eq!(
         app.count("SELECT count(*) FROM users WHERE id = $1", session.id)
             .await,
@@ -172,7 +175,7 @@ async fn delete_me_removes_the_account_its_data_and_its_tokens() {
     assert_problem(&app.refresh(&session.refresh).await, 401);
     assert_problem(&app.login("ada@example.com", PASSWORD).await, 401);
     // Other users keep theirs.
-    assert_eq!(owned_rows(&app, bystander.id).await, (2, 1));
+    assert_eq!(owned_rows(&app, bystander.id).await, (2, 1, 2));
     app.get("/api/v1/tasks", bystander.token())
         .await
         .expect(200);
@@ -331,15 +334,15 @@ async fn admin_delete_removes_the_user_their_data_and_tokens() {
     let target = app.register("ada@example.com").await;
     give_data(&app, &target).await;
     give_data(&app, &admin).await;
-    assert_eq!(owned_rows(&app, target.id).await, (2, 1));
+    assert_eq!(owned_rows(&app, target.id).await, (2, 1, 2));
 
     let path = format!("/api/v1/users/{}", target.id);
     let resp = app.delete(&path, admin.token()).await;
     assert_eq!(resp.status, 204, "{}", resp.text);
-    assert_eq!(owned_rows(&app, target.id).await, (0, 0));
+    assert_eq!(owned_rows(&app, target.id).await, (0, 0, 0));
     assert_problem(&app.get("/api/v1/me", target.token()).await, 401);
     assert_problem(&app.refresh(&target.refresh).await, 401);
     assert_problem(&app.get(&path, admin.token()).await, 404);
     assert_problem(&app.delete(&path, admin.token()).await, 404);
-    assert_eq!(owned_rows(&app, admin.id).await, (2, 1));
+    assert_eq!(owned_rows(&app, admin.id).await, (2, 1, 2));
 }

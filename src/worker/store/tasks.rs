@@ -401,21 +401,21 @@ fn push_filters(
     if filter.words.is_empty() || search == Search::Skip {
         return;
     }
-    let query = ts_query(&filter.words);
     if search == Search::Indexed {
-        // The owner-tagged terms find the owner's matches in the GIN index (see the migration's
-        // task_search_terms). They match exactly when `search` does — every lexeme carries
-        // the same tag, query and document alike — so `search @@ ...` is not tested again: on
-        // the rows the index yields that would decompress and match every candidate's tsvector
-        // (a third of a searched listing's time).
-        qb.push(" AND task_search_terms(owner_id, search) @@ task_search_query(")
+        // The owner-tagged terms find the owner's matches in the GIN index (see the migrations'
+        // task_search_terms and task_search_query_terms: each prefix asked for as the owner's
+        // words that start with it). They match exactly when `search` does — every lexeme
+        // carries the same tag, query and document alike — so `search @@ ...` is not tested
+        // again: on the rows the index yields that would decompress and match every
+        // candidate's tsvector (a third of a searched listing's time).
+        qb.push(" AND task_search_terms(owner_id, search) @@ task_search_query_terms(")
             .push_bind(owner)
-            .push(", to_tsquery('simple', ")
-            .push_bind(query)
-            .push("))");
+            .push(", ")
+            .push_bind(filter.words.clone())
+            .push(")");
     } else {
         qb.push(" AND search @@ to_tsquery('simple', ")
-            .push_bind(query)
+            .push_bind(ts_query(&filter.words))
             .push(")");
     }
 }
