@@ -3,10 +3,10 @@
 -- the same words asked for exactly (`'<tag>report' | '<tag>reporting'`) are read straight from
 -- their posting lists. At 1 000 000 tasks, for a word in 2 075 of the owner's tasks, the index
 -- part of the count took 0.3 ms instead of 0.9-1.0 ms, and pgbench ran 1.28-1.58x the counts per
--- second (the rest is reading each match's heap page). To know
--- which words start with a prefix, each owner's vocabulary is kept here: every word any of its
--- tasks has had. Words are only ever added (a word no task has any more matches nothing, so a
--- stale one costs nothing but a row); they go with the owner.
+-- second (the rest is reading each match's heap page). To know which words start with a prefix,
+-- each owner's vocabulary is kept here: every word any of its tasks has had. Words are only ever
+-- added (a word no task has any more matches nothing, so a stale one costs nothing but a row);
+-- they go with the owner.
 CREATE TABLE task_terms (
     owner_id  uuid               NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     term      text COLLATE "C"   NOT NULL,
