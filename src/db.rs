@@ -12,9 +12,6 @@ use sqlx::{
 
 use crate::config::{DatabaseConfig, redact_url as redacted};
 
-/// The migrations in `migrations/`, embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
-
 /// A pooled connection idle for longer than this is pinged before it is handed out, so one that
 /// PostgreSQL or the network closed meanwhile is replaced instead of failing a query. One in
 /// steady use is not: sqlx's default pings on every acquire, an extra round trip per statement
@@ -79,6 +76,10 @@ pub async fn create_if_missing(url: &str) -> anyhow::Result<()> {
 /// Migrations run on a connection of their own without `database.statement_timeout`: one may
 /// backfill a table of millions of rows, and a worker waiting for another's migration waits on
 /// the lock rather than giving up.
+///
+/// Migrations newer than this binary's, applied by a newer release, are not an error: during a
+/// rolling deploy the previous release's workers still start (migrations are additive; an
+/// applied one is never edited).
 pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     create_if_missing(&config.url).await?;
     let mut conn = PgConnectOptions::from_str(&config.url)
@@ -89,7 +90,10 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
         .connect()
         .await
         .with_context(|| format!("connecting to {}", redacted(&config.url)))?;
-    MIGRATOR
+    // The migrations in `migrations/`, embedded in the binary.
+    let mut migrator: Migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
         .run_direct(&mut conn)
         .await
         .context("applying database migrations")?;

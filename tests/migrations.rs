@@ -108,6 +108,29 @@ async fn migrations_are_not_cut_short_by_the_statement_timeout() {
     pool.close().await;
 }
 
+/// A database that a newer release migrated further still starts this release's workers (a
+/// rolling deploy has both at once); this release's migrations are all there.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_release_is_accepted() {
+    let database = TestDb::reserve();
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let pool = taskd::db::migrate(&config(&database.url)).await.unwrap();
+    assert_eq!(applied(&pool).await, shipped() + 1);
+    pool.close().await;
+    let app = serve_app(test_config(&database.url), Some(database), true).await;
+    let session = app.register("ada@example.com").await;
+    app.get("/api/v1/me", session.token()).await.expect(200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrators_agree() {
     let database = TestDb::reserve();
