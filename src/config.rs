@@ -74,7 +74,8 @@ pub struct DatabaseConfig {
     /// How long a request waits for a free connection before answering 503. Default 3s.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
-    /// Server-side limit on one statement, so a runaway query cannot pin a connection. Default 5s.
+    /// Server-side limit on one statement of the pool's sessions, so a runaway query cannot pin a
+    /// connection (migrations run without it, see `db::migrate`). Default 5s.
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
 }

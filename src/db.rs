@@ -18,14 +18,24 @@ use crate::config::{DatabaseConfig, redact_url as redacted};
 /// (README, *Benchmarks*: the worker's CPU per listing fell 10–30 % without it).
 const PING_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Connection options for `url`: the session's application name and `statement_timeout` (in
+/// milliseconds, "0" for none).
+fn session_options(
+    url: &str,
+    application: &str,
+    statement_timeout: &str,
+) -> anyhow::Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)
+        .with_context(|| format!("database URL {}", redacted(url)))?
+        .application_name(application)
+        .options([("statement_timeout", statement_timeout)]))
+}
+
 /// Opens a pool on `url` with the limits of `config`. Connections are opened lazily, so a worker
 /// starts (and reports itself not ready) while PostgreSQL is down.
 pub fn pool(config: &DatabaseConfig, url: &str) -> anyhow::Result<PgPool> {
     let statement_timeout = config.statement_timeout.as_millis().to_string();
-    let options = PgConnectOptions::from_str(url)
-        .with_context(|| format!("database URL {}", redacted(url)))?
-        .application_name("taskd")
-        .options([("statement_timeout", statement_timeout.as_str())])
+    let options = session_options(url, "taskd", &statement_timeout)?
         .log_slow_statements(
             tracing::log::LevelFilter::Warn,
             std::time::Duration::from_secs(1),
@@ -82,10 +92,7 @@ pub async fn create_if_missing(url: &str) -> anyhow::Result<()> {
 /// applied one is never edited).
 pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     create_if_missing(&config.url).await?;
-    let mut conn = PgConnectOptions::from_str(&config.url)
-        .with_context(|| format!("database URL {}", redacted(&config.url)))?
-        .application_name("taskd migrate")
-        .options([("statement_timeout", "0")])
+    let mut conn = session_options(&config.url, "taskd migrate", "0")?
         .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO)
         .connect()
         .await
