@@ -3,21 +3,24 @@
 # taskd's throughput >= NGINX's and p99 <= NGINX's at 64 keep-alive connections).
 #
 #   bash scripts/bench-proxy-nginx.sh
-#   DURATION=15 CONNECTIONS=64 WORKERS=2 ROUNDS=2 BASE_PORT=3980 bash scripts/bench-proxy-nginx.sh
+#   DURATION=5 CONNECTIONS=64 WORKERS=2 ROUNDS=8 BASE_PORT=3980 bash scripts/bench-proxy-nginx.sh
 #
 # Installs NGINX and wrk from Debian's packages when missing and builds taskd in release. Starts
 # WORKERS release workers on 127.0.0.1 over a fresh database (rate limits off), NGINX (worker
 # processes: auto; an upstream block with `keepalive 64`, HTTP/1.1 and an empty Connection header
 # as NGINX's docs say; the same X-Forwarded-* and X-Request-Id headers taskd sets; access log off)
 # and `taskd proxy`, each on its own port in front of the same workers. After a warm-up, wrk
-# (keep-alive, CONNECTIONS connections, DURATION seconds) loads each proxy in turn, ROUNDS times,
-# alternating which goes first, on two endpoints:
+# (keep-alive, CONNECTIONS connections, DURATION seconds) loads each proxy in turn on two
+# endpoints:
 #   GET /health/live        - nearly free in the worker: the proxy's own cost dominates;
 #   GET /api/v1/tasks       - an authenticated 20-task page, a Redis cache hit after the first.
-# Prints every run (with the CPU time per request of the proxy and of the workers, read from
-# /proc: what a request costs, steadier than req/s on a shared machine), then per endpoint the
-# best run of each proxy (highest req/s), the ratios taskd/NGINX of throughput (want >= 1) and
-# p99 (want <= 1) and of the proxy's median CPU per request, then each proxy's memory.
+# A round is one run of each proxy on an endpoint, back to back, the order alternating from round
+# to round. This machine's speed drifts by tens of per cent within minutes, more than the two
+# proxies differ, so the verdict pairs the runs: each round gives a ratio taskd/NGINX measured
+# seconds apart, and the summary takes the median of those ratios over ROUNDS rounds (their range
+# too), for throughput (want >= 1), p99 (want <= 1) and the proxy's CPU time per request (read
+# from /proc: what a request costs). The best run of each proxy (highest req/s) is printed as
+# well, then each proxy's memory. Every run is printed and kept in runs.tsv.
 #
 # Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, workers
 # BASE_PORT+10.. . Every process started here is stopped on exit; exits non-zero when anything
@@ -25,11 +28,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-15}          # seconds per measured run
+DURATION=${DURATION:-5}           # seconds per measured run
 WARMUP=${WARMUP:-3}               # seconds of warm-up per proxy and endpoint
 CONNECTIONS=${CONNECTIONS:-64}
 WORKERS=${WORKERS:-2}
-ROUNDS=${ROUNDS:-2}               # measured runs per proxy and endpoint
+ROUNDS=${ROUNDS:-8}               # measured runs per proxy and endpoint (paired rounds)
 WRK_THREADS=${WRK_THREADS:-2}
 BASE_PORT=${BASE_PORT:-3980}
 PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
@@ -279,22 +282,46 @@ done
 
 # --- summary -----------------------------------------------------------------------------------
 echo
-echo "best run of each (highest req/s), $CONNECTIONS connections, $WORKERS workers:"
-awk -F'\t' '
+awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
   NR == 1 { next }
   {
     key = $1 SUBSEP $2
     if (!(key in rps) || $4 + 0 > rps[key]) { rps[key] = $4 + 0; p50[key] = $5; p99[key] = $6 }
     if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 }
-    cpus[key] = cpus[key] " " $7
+    run_rps[$1, $2, $3] = $4; run_p99[$1, $2, $3] = $6; run_cpu[$1, $2, $3] = $7
+    if ($3 + 0 > rounds) rounds = $3 + 0
   }
-  # The median of a space-separated list of numbers.
-  function median(list,    v, k, i, j, t) {
-    k = split(list, v, " ")
+  # Sorts v[1..k] in place (insertion sort: a handful of values).
+  function sort(v, k,    i, j, t) {
     for (i = 2; i <= k; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
-    return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+  }
+  function median(v, k) { return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2 }
+  # "median (min-max)" of the per-round ratios taskd/nginx of one measure of endpoint e.
+  function ratios(e, what,    r, k, v, a, b) {
+    k = 0
+    for (r = 1; r <= rounds; r++) {
+      if (what == "rps") { a = run_rps[e, "taskd", r]; b = run_rps[e, "nginx", r] }
+      else if (what == "p99") { a = run_p99[e, "taskd", r]; b = run_p99[e, "nginx", r] }
+      else { a = run_cpu[e, "taskd", r]; b = run_cpu[e, "nginx", r] }
+      if (a + 0 > 0 && b + 0 > 0) v[++k] = a / b
+    }
+    if (k == 0) return "n/a"
+    sort(v, k)
+    last_median = median(v, k)
+    return sprintf("%.3fx (%.2f-%.2f)", last_median, v[1], v[k])
   }
   END {
+    printf "paired rounds (each round: both proxies back to back; ratio taskd/nginx, median of %d rounds, range), %d connections, %d workers:\n", rounds, conns, workers
+    for (i = 1; i <= n; i++) {
+      e = order[i]
+      t = ratios(e, "rps"); tm = last_median
+      l = ratios(e, "p99"); lm = last_median
+      c = ratios(e, "cpu")
+      printf "%-24s throughput %-22s %s\n", e, t, (tm >= 1) ? "ok (want >= 1)" : "BELOW NGINX (want >= 1)"
+      printf "%-24s p99        %-22s %s\n", "", l, (lm <= 1) ? "ok (want <= 1)" : "ABOVE NGINX (want <= 1)"
+      printf "%-24s proxy CPU per request %s\n", "", c
+    }
+    printf "\nbest run of each (highest req/s):\n"
     printf "%-24s %-6s %12s %10s %10s\n", "endpoint", "proxy", "req/s", "p50", "p99"
     for (i = 1; i <= n; i++) {
       e = order[i]
@@ -302,11 +329,8 @@ awk -F'\t' '
         p = (j == 1) ? "nginx" : "taskd"
         printf "%-24s %-6s %12.0f %8.2fms %8.2fms\n", e, p, rps[e SUBSEP p], p50[e SUBSEP p], p99[e SUBSEP p]
       }
-      t = rps[e SUBSEP "taskd"] / rps[e SUBSEP "nginx"]
-      l = p99[e SUBSEP "taskd"] / p99[e SUBSEP "nginx"]
-      printf "%-24s %-6s throughput %.2fx (want >= 1)   p99 %.2fx (want <= 1)\n", e, "taskd/nginx", t, l
-      cn = median(cpus[e SUBSEP "nginx"]); ct = median(cpus[e SUBSEP "taskd"])
-      printf "%-24s %-6s proxy CPU per request (median of rounds): nginx %.1f us, taskd %.1f us, %.2fx\n", e, "", cn, ct, ct / cn
+      printf "%-24s %-6s throughput %.2fx   p99 %.2fx\n", e, "taskd/nginx",
+        rps[e SUBSEP "taskd"] / rps[e SUBSEP "nginx"], p99[e SUBSEP "taskd"] / p99[e SUBSEP "nginx"]
     }
   }' "$RESULTS" | tee "$OUT/summary.txt"
 
