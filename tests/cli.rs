@@ -6,6 +6,9 @@
 //! Needs PostgreSQL at `127.0.0.1:5432` (user `postgres`, trust auth) and Redis at
 //! `127.0.0.1:6379`.
 
+#[path = "common/ports.rs"]
+mod ports;
+
 use std::{
     fs::File,
     io::{Read, Write},
@@ -15,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ports::free_port;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -272,14 +276,6 @@ impl Drop for Worker {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A port nothing listens on right now (the OS picks it; the listener is closed again).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 fn client() -> reqwest::Client {

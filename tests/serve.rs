@@ -10,6 +10,9 @@
 //! Needs PostgreSQL at `127.0.0.1:5432` (user `postgres`, trust auth) and Redis at
 //! `127.0.0.1:6379`.
 
+#[path = "common/ports.rs"]
+mod ports;
+
 use std::{
     collections::{BTreeSet, HashSet},
     fs::File,
@@ -23,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ports::{free_port, free_port_range};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
@@ -205,12 +209,22 @@ impl Cluster {
         )
     }
 
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
     fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The log (`self.stdout` or `self.stderr`) once it contains `needle`, or as it is after
+    /// `timeout`. Output can trail what `/status` shows: the banner, for one, is printed after
+    /// the supervisor's own readiness poll.
+    async fn log_with(log: &std::path::Path, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains(needle) || Instant::now() >= deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `GET /status` of the admin listener; `None` while it does not answer.
@@ -371,26 +385,6 @@ async fn wait_gone(pids: &[u32], timeout: Duration) -> Result<Duration, Vec<u32>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
-}
-
-/// The first of `count` consecutive ports that are all free right now.
-fn free_port_range(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base = rand::random_range(20_000..50_000u16);
-        let free =
-            (base..base + count).all(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok());
-        if free {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports");
 }
 
 fn client() -> reqwest::Client {
@@ -554,13 +548,13 @@ async fn serve_starts_every_worker_behind_the_proxy_and_shows_them() {
     assert_eq!(docs.status(), StatusCode::OK);
 
     // The banner says where everything is; the worker lines are tagged.
-    let stdout = cluster.stdout();
     for needle in [
         format!("http://127.0.0.1:{}/api/v1", h.listen),
         format!("http://127.0.0.1:{}/docs", h.listen),
         format!("http://127.0.0.1:{}/status", h.admin),
         format!("worker-3 127.0.0.1:{}", h.base + 2),
     ] {
+        let stdout = Cluster::log_with(&cluster.stdout, &needle, Duration::from_secs(5)).await;
         assert!(stdout.contains(&needle), "banner lacks {needle}:\n{stdout}");
     }
     let stderr = cluster.stderr();
@@ -784,7 +778,12 @@ async fn sighup_rolls_every_worker_without_a_failed_get_or_post() {
     // Only the new workers are upstreams now.
     let upstreams = status["upstreams"].as_array().unwrap();
     assert_eq!(upstreams.len(), 3, "{upstreams:?}");
-    let stderr = cluster.stderr();
+    let stderr = Cluster::log_with(
+        &cluster.stderr,
+        "rolling restart finished",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(stderr.contains("rolling restart finished"), "{stderr}");
     eprintln!(
         "rolling restart under load: {} GETs and {} POSTs, 0 failed",

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod expect;
+pub mod ports;
 
 use std::{
     net::SocketAddr,
@@ -255,10 +256,7 @@ impl RedisServer {
 
     /// [`RedisServer::spawn`] with more arguments, made from the port.
     async fn spawn_with(extra: impl FnOnce(u16) -> Vec<String>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("finding a free port")
-            .port();
+        let port = ports::free_port();
         let mut server = Self {
             port,
             child: None,
