@@ -288,7 +288,7 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
     key = $1 SUBSEP $2
     if (!(key in rps) || $4 + 0 > rps[key]) { rps[key] = $4 + 0; p50[key] = $5; p99[key] = $6 }
     if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 }
-    run_rps[$1, $2, $3] = $4; run_p99[$1, $2, $3] = $6; run_cpu[$1, $2, $3] = $7
+    run[$1, $2, $3, "rps"] = $4; run[$1, $2, $3, "p99"] = $6; run[$1, $2, $3, "cpu"] = $7
     if ($3 + 0 > rounds) rounds = $3 + 0
   }
   # Sorts v[1..k] in place (insertion sort: a handful of values).
@@ -296,13 +296,12 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
     for (i = 2; i <= k; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
   }
   function median(v, k) { return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2 }
-  # "median (min-max)" of the per-round ratios taskd/nginx of one measure of endpoint e.
+  # "median (min-max)" of the per-round ratios taskd/nginx of one measure (rps, p99, cpu) of
+  # endpoint e; sets last_median.
   function ratios(e, what,    r, k, v, a, b) {
     k = 0
     for (r = 1; r <= rounds; r++) {
-      if (what == "rps") { a = run_rps[e, "taskd", r]; b = run_rps[e, "nginx", r] }
-      else if (what == "p99") { a = run_p99[e, "taskd", r]; b = run_p99[e, "nginx", r] }
-      else { a = run_cpu[e, "taskd", r]; b = run_cpu[e, "nginx", r] }
+      a = run[e, "taskd", r, what]; b = run[e, "nginx", r, what]
       if (a + 0 > 0 && b + 0 > 0) v[++k] = a / b
     }
     if (k == 0) return "n/a"

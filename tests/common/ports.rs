@@ -1,8 +1,10 @@
 //! Ports for processes a test starts that bind by themselves (`taskd serve`, `taskd worker`,
 //! `redis-server`). They are picked below the kernel's ephemeral range (`ip_local_port_range`,
 //! 32768–60999 by default): a port the OS hands out for `bind(0)` is free only until some
-//! outgoing connection of a test running alongside takes it as its source port, which happened
+//! outgoing connection of a test running alongside takes it as its source port, which can happen
 //! between the check and the child's own bind.
+// Not every test binary that includes this module uses both functions.
+#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, TcpListener};
 
@@ -11,13 +13,11 @@ use std::net::{Ipv4Addr, TcpListener};
 const RANGE: std::ops::Range<u16> = 10_000..32_000;
 
 /// A port nothing listens on right now.
-#[allow(dead_code)] // Not every test binary that includes this module uses both functions.
 pub fn free_port() -> u16 {
     free_port_range(1)
 }
 
 /// The first of `count` consecutive ports that are all free right now.
-#[allow(dead_code)]
 pub fn free_port_range(count: u16) -> u16 {
     for _ in 0..200 {
         let base = rand::random_range(RANGE.start..RANGE.end - count);
