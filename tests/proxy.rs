@@ -1327,6 +1327,85 @@ async fn slow_upstream_beyond_response_timeout_gives_504() {
     assert_eq!(proxy.get(&client(), "/slow/10").await.status(), 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_is_closed_after_the_idle_timeout() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    config.idle_timeout = Duration::from_millis(500);
+    let proxy = TestProxy::start(config).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let closed = tokio::spawn(connection);
+    let get = || {
+        Request::get("/echo")
+            .header("host", proxy.addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let response = sender.send_request(get()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        // Well inside the idle timeout: the keep-alive connection must still be usable.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let last_used = Instant::now() - Duration::from_millis(200);
+    within("the proxy to close the idle connection", closed)
+        .await
+        .unwrap()
+        .unwrap();
+    let idle = last_used.elapsed();
+    assert!(
+        idle >= Duration::from_millis(450) && idle < Duration::from_secs(3),
+        "closed after {idle:?} idle"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_trickling_its_headers_is_cut_off_after_the_idle_timeout() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    config.idle_timeout = Duration::from_millis(500);
+    let proxy = TestProxy::start(config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nhost: trickle\r\n")
+        .await
+        .unwrap();
+    // One more header line every 100 ms, never the blank line that ends them: activity does not
+    // keep a connection whose request never arrives.
+    let mut buf = [0u8; 1024];
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => panic!(
+                "expected the connection closed, got {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(_) => {
+                if stream.write_all(b"x-trickle: 1\r\n").await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450), "cut off after {took:?}");
+    assert_eq!(
+        up.hits(),
+        0,
+        "the incomplete request must not reach the upstream"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shutdown and runtime changes
 // ---------------------------------------------------------------------------------------------
