@@ -1059,6 +1059,73 @@ async fn refused_connection_is_retried_elsewhere_even_for_post() {
     assert!(retries >= 1.0);
 }
 
+/// A listening socket that never completes a connection: its accept queue (backlog 0) is full,
+/// so Linux drops further SYNs and a `connect` to it hangs until the connecting side gives up.
+/// Keep the returned value alive for as long as the address is used.
+async fn unanswered_listener() -> (String, socket2::Socket, std::net::TcpStream) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr))
+            .await
+            .is_err(),
+        "this kernel completes connections beyond the accept queue; the test cannot run here"
+    );
+    (format!("http://{addr}"), socket, filler)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_never_accepts_costs_only_the_connect_timeout() {
+    let (silent, _socket, _filler) = unanswered_listener().await;
+    let good = TestUpstream::start("good").await;
+    let mut config = config(&[&silent, &good.url]);
+    config.connect_timeout = Duration::from_millis(300);
+    // One probe only (at start), so the silent upstream stays in rotation.
+    config.health.interval = Duration::from_secs(600);
+    config.health.timeout = Duration::from_millis(100);
+    let proxy = TestProxy::start(config).await;
+    let client = client();
+    // Each POST goes to the silent upstream or straight to the good one; when it tries the
+    // silent one first, the connect timeout sends it on (never sent, so any method may go).
+    let mut slowest = Duration::ZERO;
+    for i in 1..=4 {
+        let started = Instant::now();
+        let response = client
+            .post(proxy.url("/echo"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(response.status(), 200);
+        assert_eq!(good.hits(), i, "each POST reaches the live upstream once");
+    }
+    assert!(proxy.upstream(&silent).failures >= 1, "never tried");
+    assert!(
+        slowest >= Duration::from_millis(300) && slowest < Duration::from_secs(3),
+        "slowest request {slowest:?}"
+    );
+
+    // With nothing else to try: a 503 once the connect timeout passes.
+    let (silent, _socket, _filler) = unanswered_listener().await;
+    let mut config = self::config(&[&silent]);
+    config.connect_timeout = Duration::from_millis(300);
+    let proxy = TestProxy::start(config).await;
+    let started = Instant::now();
+    let response = proxy.get(&client, "/echo").await;
+    let took = started.elapsed();
+    assert_problem(response, 503).await;
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
 /// Sends requests built by `request` through a proxy in front of `dropper` (reads the request,
 /// then drops the connection) and `good`; returns, per request, its status and how many times
 /// each upstream saw it.
