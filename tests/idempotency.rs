@@ -262,7 +262,7 @@ async fn a_retry_takes_over_the_lease_of_a_dead_worker() {
         .set(
             &keys[0],
             dead.to_string(),
-            Some(Expiration::PX(2000)),
+            Some(Expiration::PX(800)),
             None,
             false,
         )
@@ -277,7 +277,7 @@ async fn a_retry_takes_over_the_lease_of_a_dead_worker() {
     assert_eq!(retry.body["id"], first.body["id"]);
     assert_eq!(tasks_of(&app, &ada).await, 1);
     assert!(
-        waited >= std::time::Duration::from_millis(1500),
+        waited >= std::time::Duration::from_millis(600),
         "it waited for the lease: {waited:?}"
     );
     assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
