@@ -1069,6 +1069,18 @@ async fn refused_connection_is_retried_elsewhere_even_for_post() {
     assert!(retries >= 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_given_by_host_name_is_resolved() {
+    let up = TestUpstream::start("named").await;
+    let port = up.url.rsplit(':').next().unwrap();
+    // The upstream listens on 127.0.0.1 only; where `localhost` also resolves to `::1` (often
+    // first), the proxy must go on to the next address.
+    let named = format!("http://localhost:{port}");
+    let proxy = TestProxy::start(config(&[&named])).await;
+    assert_eq!(proxy.served_by(&client()).await, "named");
+    assert_eq!(proxy.state(&named), UpstreamState::Healthy);
+}
+
 /// A listening socket that never completes a connection: its accept queue (backlog 0) is full,
 /// so Linux drops further SYNs and a `connect` to it hangs until the connecting side gives up.
 /// Keep the returned value alive for as long as the address is used.

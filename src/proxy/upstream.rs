@@ -323,20 +323,37 @@ impl Upstream {
     }
 
     async fn tcp_connect(&self) -> Result<TcpStream, ConnectError> {
-        let addr = match self.addr {
-            Some(addr) => addr,
-            None => tokio::net::lookup_host(&self.authority)
-                .await
-                .map_err(|e| ConnectError::Resolve(self.authority.clone(), e))?
-                .next()
-                .ok_or_else(|| {
-                    ConnectError::Resolve(
-                        self.authority.clone(),
-                        std::io::Error::other("no addresses"),
-                    )
-                })?,
+        let stream = match self.addr {
+            Some(addr) => TcpStream::connect(addr).await?,
+            // Every address the name resolves to, in order, until one accepts: `localhost` is
+            // often `::1` first while the worker listens on 127.0.0.1 only.
+            None => {
+                let addrs = tokio::net::lookup_host(&self.authority)
+                    .await
+                    .map_err(|e| ConnectError::Resolve(self.authority.clone(), e))?;
+                let mut last_error = None;
+                let mut connected = None;
+                for addr in addrs {
+                    match TcpStream::connect(addr).await {
+                        Ok(stream) => {
+                            connected = Some(stream);
+                            break;
+                        }
+                        Err(error) => last_error = Some(error),
+                    }
+                }
+                match (connected, last_error) {
+                    (Some(stream), _) => stream,
+                    (None, Some(error)) => return Err(error.into()),
+                    (None, None) => {
+                        return Err(ConnectError::Resolve(
+                            self.authority.clone(),
+                            std::io::Error::other("no addresses"),
+                        ));
+                    }
+                }
+            }
         };
-        let stream = TcpStream::connect(addr).await?;
         // Requests and responses are written whole; Nagle would only add latency.
         stream.set_nodelay(true)?;
         Ok(stream)
