@@ -325,38 +325,31 @@ impl Upstream {
     async fn tcp_connect(&self) -> Result<TcpStream, ConnectError> {
         let stream = match self.addr {
             Some(addr) => TcpStream::connect(addr).await?,
-            // Every address the name resolves to, in order, until one accepts: `localhost` is
-            // often `::1` first while the worker listens on 127.0.0.1 only.
-            None => {
-                let addrs = tokio::net::lookup_host(&self.authority)
-                    .await
-                    .map_err(|e| ConnectError::Resolve(self.authority.clone(), e))?;
-                let mut last_error = None;
-                let mut connected = None;
-                for addr in addrs {
-                    match TcpStream::connect(addr).await {
-                        Ok(stream) => {
-                            connected = Some(stream);
-                            break;
-                        }
-                        Err(error) => last_error = Some(error),
-                    }
-                }
-                match (connected, last_error) {
-                    (Some(stream), _) => stream,
-                    (None, Some(error)) => return Err(error.into()),
-                    (None, None) => {
-                        return Err(ConnectError::Resolve(
-                            self.authority.clone(),
-                            std::io::Error::other("no addresses"),
-                        ));
-                    }
-                }
-            }
+            None => self.connect_by_name().await?,
         };
         // Requests and responses are written whole; Nagle would only add latency.
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+
+    /// Tries every address the host name resolves to, in order, until one accepts: `localhost`
+    /// is often `::1` first while the worker listens on 127.0.0.1 only.
+    async fn connect_by_name(&self) -> Result<TcpStream, ConnectError> {
+        let resolve_error = |error| ConnectError::Resolve(self.authority.clone(), error);
+        let mut last_error = None;
+        for addr in tokio::net::lookup_host(&self.authority)
+            .await
+            .map_err(resolve_error)?
+        {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(match last_error {
+            Some(error) => error.into(),
+            None => resolve_error(std::io::Error::other("no addresses")),
+        })
     }
 
     /// One active probe: GET `path` on a fresh connection, passing on a 2xx within `timeout`.
