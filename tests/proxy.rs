@@ -473,6 +473,16 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Checks that something bounded by a timeout of `at_least_ms` took at least that, and not
+/// much more (under 3 s).
+#[track_caller]
+fn assert_took(took: Duration, at_least_ms: u64) {
+    assert!(
+        took >= Duration::from_millis(at_least_ms) && took < Duration::from_secs(3),
+        "took {took:?}, expected {at_least_ms} ms to 3 s"
+    );
+}
+
 /// Checks a problem+json answer of the proxy and returns its document.
 async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
@@ -1042,6 +1052,31 @@ async fn http2_prior_knowledge_client_is_served() {
 // Retries
 // ---------------------------------------------------------------------------------------------
 
+/// POSTs `/echo` `n` times through `proxy`, checking that each is answered 200 and reaches
+/// `good` exactly once; returns the longest a POST took.
+async fn posts_each_reach_once(proxy: &TestProxy, good: &TestUpstream, n: usize) -> Duration {
+    let client = client();
+    let before = good.hits();
+    let mut slowest = Duration::ZERO;
+    for i in 1..=n {
+        let started = Instant::now();
+        let response = client
+            .post(proxy.url("/echo"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            good.hits() - before,
+            i,
+            "each POST reaches the live upstream once"
+        );
+    }
+    slowest
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_is_retried_elsewhere_even_for_post() {
     let dead = closed_port_url();
@@ -1050,17 +1085,7 @@ async fn refused_connection_is_retried_elsewhere_even_for_post() {
     // One probe only (at start), so the dead upstream stays in rotation until requests fail.
     config.health.interval = Duration::from_secs(600);
     let proxy = TestProxy::start(config).await;
-    let client = client();
-    for i in 1..=4 {
-        let response = client
-            .post(proxy.url("/echo"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(good.hits(), i, "each POST reaches the live upstream once");
-    }
+    posts_each_reach_once(&proxy, &good, 4).await;
     assert!(
         proxy.upstream(&dead).failures >= 1,
         "the dead upstream was never tried"
@@ -1111,27 +1136,11 @@ async fn upstream_that_never_accepts_costs_only_the_connect_timeout() {
     config.health.interval = Duration::from_secs(600);
     config.health.timeout = Duration::from_millis(100);
     let proxy = TestProxy::start(config).await;
-    let client = client();
     // Each POST goes to the silent upstream or straight to the good one; when it tries the
     // silent one first, the connect timeout sends it on (never sent, so any method may go).
-    let mut slowest = Duration::ZERO;
-    for i in 1..=4 {
-        let started = Instant::now();
-        let response = client
-            .post(proxy.url("/echo"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        slowest = slowest.max(started.elapsed());
-        assert_eq!(response.status(), 200);
-        assert_eq!(good.hits(), i, "each POST reaches the live upstream once");
-    }
+    let slowest = posts_each_reach_once(&proxy, &good, 4).await;
     assert!(proxy.upstream(&silent).failures >= 1, "never tried");
-    assert!(
-        slowest >= Duration::from_millis(300) && slowest < Duration::from_secs(3),
-        "slowest request {slowest:?}"
-    );
+    assert_took(slowest, 300);
 
     // With nothing else to try: a 503 once the connect timeout passes.
     let (silent, _socket, _filler) = unanswered_listener().await;
@@ -1139,13 +1148,10 @@ async fn upstream_that_never_accepts_costs_only_the_connect_timeout() {
     config.connect_timeout = Duration::from_millis(300);
     let proxy = TestProxy::start(config).await;
     let started = Instant::now();
-    let response = proxy.get(&client, "/echo").await;
+    let response = proxy.get(&client(), "/echo").await;
     let took = started.elapsed();
     assert_problem(response, 503).await;
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert_took(took, 300);
 }
 
 /// Sends requests built by `request` through a proxy in front of `dropper` (reads the request,
@@ -1408,20 +1414,23 @@ async fn slow_upstream_beyond_response_timeout_gives_504() {
     let response = proxy.get(&client(), "/slow/5000").await;
     let took = started.elapsed();
     assert_problem(response, 504).await;
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert_took(took, 300);
     // A fast answer within the timeout is still fine.
     assert_eq!(proxy.get(&client(), "/slow/10").await.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_client_connection_is_closed_after_the_idle_timeout() {
+/// One upstream behind a proxy whose `idle_timeout` is `idle`.
+async fn behind_proxy_with_idle_timeout(idle: Duration) -> (TestUpstream, TestProxy) {
     let up = TestUpstream::start("a").await;
     let mut config = config(&[&up.url]);
-    config.idle_timeout = Duration::from_millis(500);
+    config.idle_timeout = idle;
     let proxy = TestProxy::start(config).await;
+    (up, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connection_is_closed_after_the_idle_timeout() {
+    let (_up, proxy) = behind_proxy_with_idle_timeout(Duration::from_millis(500)).await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -1448,18 +1457,12 @@ async fn idle_client_connection_is_closed_after_the_idle_timeout() {
         .unwrap();
     // The proxy's clock starts as it finishes the response, a moment before the client has it.
     let idle = last_used.elapsed();
-    assert!(
-        idle >= Duration::from_millis(400) && idle < Duration::from_secs(3),
-        "closed after {idle:?} idle"
-    );
+    assert_took(idle, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
-    let up = TestUpstream::start("a").await;
-    let mut config = config(&[&up.url]);
-    config.idle_timeout = Duration::from_millis(500);
-    let proxy = TestProxy::start(config).await;
+    let (up, proxy) = behind_proxy_with_idle_timeout(Duration::from_millis(500)).await;
     let client = client();
     assert_eq!(proxy.get(&client, "/echo").await.status(), 200);
     let used = Instant::now();
@@ -1470,20 +1473,14 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     })
     .await;
     let idle = used.elapsed();
-    assert!(
-        idle >= Duration::from_millis(400) && idle < Duration::from_secs(3),
-        "closed after {idle:?} idle"
-    );
+    assert_took(idle, 400);
     // A request after that opens a new connection and is served as usual.
     assert_eq!(proxy.get(&client, "/echo").await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_trickling_its_headers_is_cut_off_after_the_idle_timeout() {
-    let up = TestUpstream::start("a").await;
-    let mut config = config(&[&up.url]);
-    config.idle_timeout = Duration::from_millis(500);
-    let proxy = TestProxy::start(config).await;
+    let (up, proxy) = behind_proxy_with_idle_timeout(Duration::from_millis(500)).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     let started = Instant::now();
     stream
@@ -1581,10 +1578,7 @@ async fn shutdown_gives_up_on_requests_after_the_grace_period() {
         .unwrap()
         .unwrap();
     let took = cancelled.elapsed();
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert_took(took, 300);
     let held = within("the cut request", held).await.unwrap();
     assert!(held.is_err(), "{held:?}");
     up.release();
