@@ -297,9 +297,9 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
   }
   function median(v, k) { return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2 }
   # "median (min-max)" of the per-round ratios taskd/nginx of one measure (rps, p99, cpu) of
-  # endpoint e; sets last_median.
+  # endpoint e; sets last_median ("" when no round has both).
   function ratios(e, what,    r, k, v, a, b) {
-    k = 0
+    k = 0; last_median = ""
     for (r = 1; r <= rounds; r++) {
       a = run[e, "taskd", r, what]; b = run[e, "nginx", r, what]
       if (a + 0 > 0 && b + 0 > 0) v[++k] = a / b
@@ -316,8 +316,8 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
       t = ratios(e, "rps"); tm = last_median
       l = ratios(e, "p99"); lm = last_median
       c = ratios(e, "cpu")
-      printf "%-24s throughput %-22s %s\n", e, t, (tm >= 1) ? "ok (want >= 1)" : "BELOW NGINX (want >= 1)"
-      printf "%-24s p99        %-22s %s\n", "", l, (lm <= 1) ? "ok (want <= 1)" : "ABOVE NGINX (want <= 1)"
+      printf "%-24s throughput %-22s %s\n", e, t, (tm == "") ? "" : (tm >= 1) ? "ok (want >= 1)" : "BELOW NGINX (want >= 1)"
+      printf "%-24s p99        %-22s %s\n", "", l, (lm == "") ? "" : (lm <= 1) ? "ok (want <= 1)" : "ABOVE NGINX (want <= 1)"
       printf "%-24s proxy CPU per request %s\n", "", c
     }
     printf "\nbest run of each (highest req/s):\n"

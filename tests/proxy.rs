@@ -349,14 +349,14 @@ fn seen(echo: &Value, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `http://127.0.0.1:<port>` where nothing listens (a port just released).
+/// `http://127.0.0.1:<port>` where nothing listens.
 fn closed_port_url() -> String {
     format!("http://{}", free_addr())
 }
 
+/// A free 127.0.0.1 address, from the range the binary tests use (below the ephemeral ports).
 fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], common::ports::free_port()))
 }
 
 // ---------------------------------------------------------------------------------------------
