@@ -329,7 +329,8 @@ pub struct ProxyConfig {
     /// Threads serving clients, each with its own runtime and `SO_REUSEPORT` listener.
     /// Default 0: one per CPU.
     pub threads: usize,
-    /// Longest wait for a TCP connection to an upstream. Default 1s.
+    /// Longest wait for a TCP connection to an upstream (for a host name: the lookup, then each
+    /// address in turn). Default 1s.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Longest wait for an upstream's response headers before answering 504. Default 60s.

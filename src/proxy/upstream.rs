@@ -308,9 +308,7 @@ impl Upstream {
         &self,
         timeout: Duration,
     ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
-        let stream = tokio::time::timeout(timeout, self.tcp_connect())
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
+        let stream = self.tcp_connect(timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;
@@ -322,40 +320,28 @@ impl Upstream {
         Ok(sender)
     }
 
-    async fn tcp_connect(&self) -> Result<TcpStream, ConnectError> {
-        let stream = match self.addr {
-            Some(addr) => TcpStream::connect(addr).await?,
-            None => self.connect_by_name().await?,
-        };
-        // Requests and responses are written whole; Nagle would only add latency.
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
-
-    /// Tries every address the host name resolves to, in order, until one accepts: `localhost`
-    /// is often `::1` first while the worker listens on 127.0.0.1 only.
-    async fn connect_by_name(&self) -> Result<TcpStream, ConnectError> {
-        let resolve_error = |error| ConnectError::Resolve(self.authority.clone(), error);
-        let mut last_error = None;
-        for addr in tokio::net::lookup_host(&self.authority)
-            .await
-            .map_err(resolve_error)?
-        {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(error) => last_error = Some(error),
+    /// A TCP connection to the upstream. `timeout` bounds the name lookup and then each
+    /// address's connect on its own, as NGINX's `proxy_connect_timeout` bounds each server of
+    /// an upstream block: an address that black-holes costs one timeout, then the next is tried.
+    async fn tcp_connect(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+        match self.addr {
+            Some(addr) => connect_any([addr], timeout).await,
+            None => {
+                let resolve_error = |error| ConnectError::Resolve(self.authority.clone(), error);
+                let addrs = tokio::time::timeout(timeout, tokio::net::lookup_host(&self.authority))
+                    .await
+                    .map_err(|_| resolve_error(std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(resolve_error)?;
+                // `localhost` is often `::1` first while the worker listens on 127.0.0.1 only.
+                connect_any(addrs, timeout).await
             }
         }
-        Err(match last_error {
-            Some(error) => error.into(),
-            None => resolve_error(std::io::Error::other("no addresses")),
-        })
     }
 
     /// One active probe: GET `path` on a fresh connection, passing on a 2xx within `timeout`.
     pub async fn probe(&self, path: &str, timeout: Duration) -> bool {
         let attempt = async {
-            let stream = self.tcp_connect().await.ok()?;
+            let stream = self.tcp_connect(timeout).await.ok()?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake::<_, UpstreamBody>(TokioIo::new(stream))
                     .await
@@ -374,6 +360,27 @@ impl Upstream {
     }
 }
 
+/// Connects to the first of `addrs` that accepts within `timeout`, trying them in order; the
+/// error is the last address's.
+async fn connect_any(
+    addrs: impl IntoIterator<Item = SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let mut last_error = None;
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                // Requests and responses are written whole; Nagle would only add latency.
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Ok(Err(error)) => last_error = Some(ConnectError::Io(error)),
+            Err(_) => last_error = Some(ConnectError::Timeout),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ConnectError::Io(std::io::Error::other("no addresses"))))
+}
+
 /// A request in flight on an upstream; dropping it ends the request.
 pub struct InFlight(Arc<Upstream>);
 
@@ -388,5 +395,60 @@ impl Drop for InFlight {
         if self.0.in_flight.fetch_sub(1, SeqCst) == 1 {
             self.0.idle_notify.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accept queue (backlog 0) is full, so a `connect` to it hangs; keep the
+    /// returned sockets alive while the address is used.
+    fn unanswered() -> (SocketAddr, socket2::Socket, std::net::TcpStream) {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let filler = std::net::TcpStream::connect(addr).unwrap();
+        (addr, socket, filler)
+    }
+
+    /// An address nothing listens on (connects are refused at once).
+    fn refused() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_address_gets_its_own_connect_timeout() {
+        let (silent, _socket, _filler) = unanswered();
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let timeout = Duration::from_millis(300);
+
+        let started = Instant::now();
+        let stream = connect_any([silent, refused(), live_addr], timeout)
+            .await
+            .expect("the live address was not reached");
+        let took = started.elapsed();
+        assert_eq!(stream.peer_addr().unwrap(), live_addr);
+        assert!(stream.nodelay().unwrap());
+        // One timeout for the silent address, none for the refused one.
+        assert!(took >= timeout, "{took:?}");
+        assert!(took < timeout * 2, "{took:?}");
+
+        let started = Instant::now();
+        let error = connect_any([refused(), silent], timeout).await.unwrap_err();
+        assert!(matches!(error, ConnectError::Timeout), "{error}");
+        assert!(started.elapsed() >= timeout);
+        let error = connect_any([silent, refused()], timeout).await.unwrap_err();
+        assert!(matches!(error, ConnectError::Io(_)), "{error}");
+        let error = connect_any([], timeout).await.unwrap_err();
+        assert_eq!(error.to_string(), "connect: no addresses");
     }
 }
