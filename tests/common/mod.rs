@@ -322,6 +322,14 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
+    /// How many keys the server holds.
+    pub fn keys(&self) -> u64 {
+        redis_cli(self.port, &["dbsize"])
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
     async fn answers_ping(&self) -> bool {
         let ping = async {
             let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
@@ -391,11 +399,7 @@ impl RedisCluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         for node in &nodes {
             loop {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "cluster", "info"])
-                    .output()
-                    .expect("running redis-cli cluster info");
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                if redis_cli(node.port, &["cluster", "info"]).contains("cluster_state:ok") {
                     break;
                 }
                 assert!(Instant::now() < deadline, "the cluster did not form");
@@ -414,6 +418,130 @@ impl RedisCluster {
         }
         url
     }
+}
+
+/// A private Redis primary, one replica and one Sentinel watching them (quorum 1), on free
+/// loopback ports; all three die with this guard.
+pub struct RedisSentinel {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// The name the Sentinel knows the primary by.
+const SENTINEL_SERVICE: &str = "taskd";
+
+impl RedisSentinel {
+    /// Starts the primary, the replica (waits until it is in sync) and the Sentinel (told of the
+    /// replica in its configuration, so it need not wait ~10 s to discover it).
+    pub async fn spawn() -> Self {
+        let primary = RedisServer::spawn().await;
+        let primary_port = primary.port.to_string();
+        let replica = RedisServer::spawn_with(|_| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), primary_port]
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_cli(replica.port, &["info", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dir = tempfile::tempdir().expect("a directory for the sentinel's configuration");
+        let port = ports::free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_SERVICE} 500\n\
+                 sentinel failover-timeout {SENTINEL_SERVICE} 5000\n\
+                 sentinel known-replica {SENTINEL_SERVICE} 127.0.0.1 {replica}\n",
+                dir = dir.path().display(),
+                primary = primary.port,
+                replica = replica.port,
+            ),
+        )
+        .expect("writing sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server --sentinel");
+        let sentinel = Self {
+            primary,
+            replica,
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sentinel.primary_port() != Some(sentinel.primary.port) {
+            assert!(Instant::now() < deadline, "the sentinel did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sentinel
+    }
+
+    /// `redis-sentinel://` URL: the Sentinel's address and the service name.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName={SENTINEL_SERVICE}",
+            self.port
+        )
+    }
+
+    /// The port of the primary the Sentinel names now.
+    pub fn primary_port(&self) -> Option<u16> {
+        redis_cli(
+            self.port,
+            &["sentinel", "get-master-addr-by-name", SENTINEL_SERVICE],
+        )
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    /// Kills the primary once the replica has every write (`WAIT`), and waits until the
+    /// Sentinel has promoted the replica.
+    pub async fn fail_over(&mut self) {
+        let acked = redis_cli(self.primary.port, &["wait", "1", "2000"]);
+        assert_eq!(
+            acked.trim(),
+            "1",
+            "the replica did not acknowledge the writes"
+        );
+        self.primary.kill();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.primary_port() != Some(self.replica.port) {
+            assert!(Instant::now() < deadline, "the sentinel did not fail over");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`'s output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("running redis-cli");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A response, read completely.
