@@ -199,7 +199,7 @@ async fn idempotency_keys(app: &TestApp) -> (fred::clients::Client, Vec<String>)
 
 /// A worker killed after its insert committed but before it stored the answer: the retry (the
 /// proxy sends it to another worker) finds no record, runs again, and gets the same task back
-/// instead of a second one.
+/// instead of a second one — marked `Idempotent-Replayed`, since nothing was created now.
 #[tokio::test]
 async fn a_retry_after_the_answer_was_lost_does_not_act_twice() {
     use fred::prelude::*;
@@ -213,9 +213,11 @@ async fn a_retry_after_the_answer_was_lost_does_not_act_twice() {
     assert_eq!(keys.len(), 1, "{keys:?}");
     let _: i64 = redis.del(&keys[0]).await.unwrap();
 
+    assert!(!replayed(&first));
     let retry = create(&app, &ada, "lost-answer", &body).await;
     retry.expect(201);
     assert_eq!(retry.body["id"], first.body["id"]);
+    assert!(replayed(&retry), "the task existed: a replay");
     assert_eq!(tasks_of(&app, &ada).await, 1);
 
     // The same for categories, whose names are unique per owner.
@@ -233,14 +235,17 @@ async fn a_retry_after_the_answer_was_lost_does_not_act_twice() {
     for key in &keys {
         let _: i64 = redis.del(key).await.unwrap();
     }
+    assert!(!replayed(&first));
     let retry = send().await;
     retry.expect(201);
     assert_eq!(retry.body["id"], first.body["id"]);
+    assert!(replayed(&retry), "the category existed: a replay");
 }
 
 /// A worker killed mid-request (after its insert committed) leaves a `running` lease that
 /// nobody renews: a retry waits for it to lapse (seconds, not the request timeout), runs, and
-/// gets the committed task back instead of a 409 or a second task.
+/// gets the committed task back (a replay: nothing new was created) instead of a 409 or a
+/// second task.
 #[tokio::test]
 async fn a_retry_takes_over_the_lease_of_a_dead_worker() {
     use fred::prelude::*;
@@ -273,8 +278,8 @@ async fn a_retry_takes_over_the_lease_of_a_dead_worker() {
     let retry = create(&app, &ada, "crash", &body).await;
     let waited = started.elapsed();
     retry.expect(201);
-    assert!(!replayed(&retry), "it ran again rather than replaying");
     assert_eq!(retry.body["id"], first.body["id"]);
+    assert!(replayed(&retry), "the task existed: a replay");
     assert_eq!(tasks_of(&app, &ada).await, 1);
     assert!(
         waited >= std::time::Duration::from_millis(600),

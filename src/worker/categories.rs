@@ -1,6 +1,6 @@
 //! `/api/v1/categories`: the caller's categories.
 
-use axum::{extract::State, http::StatusCode};
+use axum::{extract::State, http::StatusCode, response::Response};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -9,7 +9,7 @@ use super::{
     AppState,
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
-    idempotency::IdempotentId,
+    idempotency::{self, IdempotentId},
     listing::{Listing, PageRequest, search_words},
     store::{self, categories::Category},
     tokens::AuthUser,
@@ -116,7 +116,7 @@ async fn create_category(
     me: AuthUser,
     keyed: Option<axum::Extension<IdempotentId>>,
     Json(body): Json<CreateCategory>,
-) -> Result<(StatusCode, axum::Json<Category>), ApiError> {
+) -> Result<Response, ApiError> {
     let mut errors = FieldErrors::default();
     let name = errors.take(check_name(&body.name));
     let color = errors
@@ -125,8 +125,8 @@ async fn create_category(
     errors.into_validation()?;
     let name = name.unwrap_or_default();
     let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
-    let category = store::categories::create(&state.db, me.id, id, &name, color.as_deref()).await?;
-    Ok((StatusCode::CREATED, axum::Json(category)))
+    let created = store::categories::create(&state.db, me.id, id, &name, color.as_deref()).await?;
+    Ok(idempotency::created(created))
 }
 
 /// One of the caller's categories.

@@ -31,7 +31,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{AppState, error::ApiError, middleware::ClientIp, ratelimit::Identity};
+use super::{AppState, error::ApiError, middleware::ClientIp, ratelimit::Identity, store::Created};
 
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -53,6 +53,20 @@ const POLL_EVERY: Duration = Duration::from_millis(25);
 /// request, so an insert that already happened is found instead of done twice.
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotentId(pub uuid::Uuid);
+
+/// The 201 of a keyed create. When the row was already there (an earlier run of the same
+/// request committed it, then its worker died or its lease lapsed before the answer was kept)
+/// nothing was created now, and the answer says so as a replay does: `Idempotent-Replayed`.
+pub fn created<T: Serialize>(created: Created<T>) -> Response {
+    let mut response = (StatusCode::CREATED, axum::Json(created.row)).into_response();
+    if created.existed {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        metrics::counter!("idempotent_replays_total").increment(1);
+    }
+    response
+}
 
 /// Renews a lease only while it is still ours (the value is unique per attempt).
 static RENEW: std::sync::LazyLock<fred::types::scripts::Script> = std::sync::LazyLock::new(|| {

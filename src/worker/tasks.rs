@@ -17,7 +17,7 @@ use super::{
     cache::{Read, canonical_query},
     error::{ApiError, FieldError, FieldErrors, Problems},
     extract::{Json, PathId, Query, double_option, non_null},
-    idempotency::IdempotentId,
+    idempotency::{self, IdempotentId},
     listing::{Listing, PageRequest, search_words},
     model::{Priority, Status},
     store::{
@@ -294,7 +294,7 @@ async fn create_task(
     me: AuthUser,
     keyed: Option<axum::Extension<IdempotentId>>,
     Json(body): Json<CreateTask>,
-) -> Result<(StatusCode, axum::Json<Task>), ApiError> {
+) -> Result<Response, ApiError> {
     let mut errors = FieldErrors::default();
     let title = errors.take(check_title(&body.title));
     errors.take(
@@ -314,9 +314,10 @@ async fn create_task(
         category_id: body.category_id,
     };
     let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
-    let task = store::tasks::create(&state.db, me.id, id, &task).await?;
+    let created = store::tasks::create(&state.db, me.id, id, &task).await?;
+    // Also when the task existed: the run that created it may have died before invalidating.
     state.cache.invalidate(me.id).await;
-    Ok((StatusCode::CREATED, axum::Json(task)))
+    Ok(idempotency::created(created))
 }
 
 /// One of the caller's tasks.

@@ -7,6 +7,7 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::Created;
 use crate::worker::{
     error::{ApiError, on_constraint},
     listing::{KeyKind, KeyValue, OrderKey, PageRequest, Position},
@@ -39,7 +40,7 @@ pub async fn create(
     id: Option<Uuid>,
     name: &str,
     color: Option<&str>,
-) -> Result<Category, ApiError> {
+) -> Result<Created<Category>, ApiError> {
     let inserted: Option<Category> = sqlx::query_as(&format!(
         "INSERT INTO categories (id, owner_id, name, color) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO NOTHING RETURNING {COLUMNS}"
@@ -52,12 +53,13 @@ pub async fn create(
     .await
     .map_err(|e| on_constraint(e, "categories_owner_name_key", name_taken))?;
     match (inserted, id) {
-        (Some(category), _) => Ok(category),
-        (None, Some(id)) => get(db, owner, id).await?.ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!(
+        (Some(category), _) => Ok(Created::new(category)),
+        (None, Some(id)) => match get(db, owner, id).await? {
+            Some(row) => Ok(Created { row, existed: true }),
+            None => Err(ApiError::Internal(anyhow::anyhow!(
                 "category id {id} is taken by another owner"
-            ))
-        }),
+            ))),
+        },
         (None, None) => Err(ApiError::Internal(anyhow::anyhow!(
             "category insert returned no row"
         ))),

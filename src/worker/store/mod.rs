@@ -13,6 +13,23 @@ use super::{
     listing::{self, Mode, OrderKey, PageRequest},
 };
 
+/// What an insert with an id derived from an `Idempotency-Key` did: inserted `row`, or found it
+/// already inserted (`existed`) by an earlier run of the same request — one on a worker that
+/// died before answering, or whose lease lapsed.
+pub struct Created<T> {
+    pub row: T,
+    pub existed: bool,
+}
+
+impl<T> Created<T> {
+    fn new(row: T) -> Self {
+        Self {
+            row,
+            existed: false,
+        }
+    }
+}
+
 /// Appends ` AND <column> ILIKE '%word%'`-style filters, one per word, escaping LIKE wildcards,
 /// so that every word must appear somewhere in `expr`.
 pub(crate) fn push_words_ilike(qb: &mut QueryBuilder<'_, Postgres>, expr: &str, words: &[String]) {

@@ -6,6 +6,7 @@ use sqlx::{FromRow, PgConnection, PgPool, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::Created;
 use crate::worker::{
     error::{ApiError, FieldError, on_constraint},
     listing::{self, KeyKind, KeyValue, Mode, OrderKey, PageRequest, Position},
@@ -78,13 +79,13 @@ fn unknown_category() -> ApiError {
 
 /// Inserts a task. `id` is given for a POST with `Idempotency-Key`: when a task with that id
 /// exists already (the same request ran before, on a worker that died before answering), that
-/// task is returned instead of a second one.
+/// task is returned (`existed`) instead of a second one.
 pub async fn create(
     db: &PgPool,
     owner: Uuid,
     id: Option<Uuid>,
     task: &NewTask,
-) -> Result<Task, ApiError> {
+) -> Result<Created<Task>, ApiError> {
     let inserted: Option<Task> = sqlx::query_as(&format!(
         "INSERT INTO tasks (id, owner_id, title, description, status, priority, due_at, category_id, completed_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $5 = 'completed' THEN now() END)
@@ -103,10 +104,13 @@ pub async fn create(
     .await
     .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))?;
     match (inserted, id) {
-        (Some(task), _) => Ok(task),
-        (None, Some(id)) => get(db, owner, id).await?.ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!("task id {id} is taken by another owner"))
-        }),
+        (Some(task), _) => Ok(Created::new(task)),
+        (None, Some(id)) => match get(db, owner, id).await? {
+            Some(row) => Ok(Created { row, existed: true }),
+            None => Err(ApiError::Internal(anyhow::anyhow!(
+                "task id {id} is taken by another owner"
+            ))),
+        },
         (None, None) => Err(ApiError::Internal(anyhow::anyhow!(
             "task insert returned no row"
         ))),
