@@ -157,6 +157,8 @@ echo "recovery:    max ${max_recovery} ms, mean ${mean_recovery} ms (killed -> r
 echo "idempotent:  $accepted POSTs accepted, $tasks tasks in PostgreSQL for $distinct distinct keys:"
 echo "             keys with more than one task $duplicates, accepted keys without a task $lost,"
 echo "             tasks whose POST got no 2xx (created, then the answer failed) $unanswered"
+echo "             answered as replays $(jq '.replayed // 0' "$OUT/load.json") (each key is sent once: a replay is the proxy's retry"
+echo "             of a POST whose worker died, finding the answer kept or the task committed)"
 echo "supervisor:  RSS $((rss_kib / 1024)) MiB (proxy + supervisor, after the run); exit code $exit_code after SIGTERM"
 echo "startup:     4 workers ready ${ready} ms after start"
 
