@@ -437,10 +437,26 @@ impl RedisSentinel {
     /// Starts the primary, the replica (waits until it is in sync) and the Sentinel (told of the
     /// replica in its configuration, so it need not wait ~10 s to discover it).
     pub async fn spawn() -> Self {
-        let primary = RedisServer::spawn().await;
+        // Replication writes RDB files: into this directory, not the working directory.
+        let dir = tempfile::tempdir().expect("a directory for the servers' files");
+        let in_dir = |extra: &[&str]| {
+            let mut args = vec!["--dir".to_owned(), dir.path().display().to_string()];
+            args.extend(extra.iter().map(|&arg| arg.to_owned()));
+            args
+        };
+        // Without the delay a diskless full sync waits 5 s for more replicas to join.
+        let primary =
+            RedisServer::spawn_with(|_| in_dir(&["--repl-diskless-sync-delay", "0"])).await;
         let primary_port = primary.port.to_string();
-        let replica = RedisServer::spawn_with(|_| {
-            vec!["--replicaof".into(), "127.0.0.1".into(), primary_port]
+        let replica = RedisServer::spawn_with(|port| {
+            let file = format!("replica-{port}.rdb");
+            in_dir(&[
+                "--replicaof",
+                "127.0.0.1",
+                &primary_port,
+                "--dbfilename",
+                &file,
+            ])
         })
         .await;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -448,7 +464,6 @@ impl RedisSentinel {
             assert!(Instant::now() < deadline, "the replica did not sync");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let dir = tempfile::tempdir().expect("a directory for the sentinel's configuration");
         let port = ports::free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
@@ -509,15 +524,16 @@ impl RedisSentinel {
         .ok()
     }
 
-    /// Kills the primary once the replica has every write (`WAIT`), and waits until the
-    /// Sentinel has promoted the replica.
+    /// Kills the primary once the replica has processed every write (its replication offset
+    /// has caught up: `WAIT` would only wait for the writes of its own connection), and waits
+    /// until the Sentinel has promoted the replica.
     pub async fn fail_over(&mut self) {
-        let acked = redis_cli(self.primary.port, &["wait", "1", "2000"]);
-        assert_eq!(
-            acked.trim(),
-            "1",
-            "the replica did not acknowledge the writes"
-        );
+        let written = replication_offset(self.primary.port, "master_repl_offset");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replication_offset(self.replica.port, "slave_repl_offset") < written {
+            assert!(Instant::now() < deadline, "the replica did not catch up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.primary.kill();
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.primary_port() != Some(self.replica.port) {
@@ -532,6 +548,15 @@ impl Drop for RedisSentinel {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A replication offset (`field` of `INFO replication`) of the server on `port`; 0 if absent.
+fn replication_offset(port: u16, field: &str) -> u64 {
+    redis_cli(port, &["info", "replication"])
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `redis-cli -p PORT ARGS...`'s output.
