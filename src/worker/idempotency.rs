@@ -54,9 +54,9 @@ const POLL_EVERY: Duration = Duration::from_millis(25);
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotentId(pub uuid::Uuid);
 
-/// The 201 of a keyed create. When the row was already there (an earlier run of the same
-/// request committed it, then its worker died or its lease lapsed before the answer was kept)
-/// nothing was created now, and the answer says so as a replay does: `Idempotent-Replayed`.
+/// The 201 of a create. When a keyed create found its row already there (an earlier run of the
+/// same request committed it, then its worker died or its lease lapsed before the answer was
+/// kept) nothing was created now, and the answer says so as a replay does: `Idempotent-Replayed`.
 pub fn created<T: Serialize>(created: Created<T>) -> Response {
     let mut response = (StatusCode::CREATED, axum::Json(created.row)).into_response();
     if created.existed {
