@@ -382,6 +382,14 @@ fn config(upstreams: &[&str]) -> ProxyConfig {
     }
 }
 
+/// [`config`] with one health probe only (at start, then not for 600 s): an upstream that
+/// passed it stays in rotation until requests to it fail.
+fn probed_once(upstreams: &[&str]) -> ProxyConfig {
+    let mut config = config(upstreams);
+    config.health.interval = Duration::from_secs(600);
+    config
+}
+
 struct TestProxy {
     proxy: Proxy,
     addr: SocketAddr,
@@ -1081,10 +1089,7 @@ async fn posts_each_reach_once(proxy: &TestProxy, good: &TestUpstream, n: usize)
 async fn refused_connection_is_retried_elsewhere_even_for_post() {
     let dead = closed_port_url();
     let good = TestUpstream::start("good").await;
-    let mut config = config(&[&dead, &good.url]);
-    // One probe only (at start), so the dead upstream stays in rotation until requests fail.
-    config.health.interval = Duration::from_secs(600);
-    let proxy = TestProxy::start(config).await;
+    let proxy = TestProxy::start(probed_once(&[&dead, &good.url])).await;
     posts_each_reach_once(&proxy, &good, 4).await;
     assert!(
         proxy.upstream(&dead).failures >= 1,
@@ -1130,10 +1135,8 @@ async fn unanswered_listener() -> (String, socket2::Socket, std::net::TcpStream)
 async fn upstream_that_never_accepts_costs_only_the_connect_timeout() {
     let (silent, _socket, _filler) = unanswered_listener().await;
     let good = TestUpstream::start("good").await;
-    let mut config = config(&[&silent, &good.url]);
+    let mut config = probed_once(&[&silent, &good.url]);
     config.connect_timeout = Duration::from_millis(300);
-    // One probe only (at start), so the silent upstream stays in rotation.
-    config.health.interval = Duration::from_secs(600);
     config.health.timeout = Duration::from_millis(100);
     let proxy = TestProxy::start(config).await;
     // Each POST goes to the silent upstream or straight to the good one; when it tries the
@@ -1682,10 +1685,8 @@ async fn start_admin(proxy: &TestProxy) -> SocketAddr {
 async fn admin_status_and_metrics_report_upstreams_retries_and_ejections() {
     let dead = closed_port_url();
     let good = TestUpstream::start("good").await;
-    let mut config = config(&[&dead, &good.url]);
+    let mut config = probed_once(&[&dead, &good.url]);
     config.passive.max_fails = 1;
-    // One probe each (at start): `dead` keeps its "healthy" verdict until a request fails.
-    config.health.interval = Duration::from_secs(600);
     let proxy = TestProxy::start(config).await;
     let admin = start_admin(&proxy).await;
     let client = client();

@@ -60,12 +60,17 @@ pub struct IdempotentId(pub uuid::Uuid);
 pub fn created<T: Serialize>(created: Created<T>) -> Response {
     let mut response = (StatusCode::CREATED, axum::Json(created.row)).into_response();
     if created.existed {
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-        metrics::counter!("idempotent_replays_total").increment(1);
+        mark_replayed(&mut response);
     }
     response
+}
+
+/// Marks an answer as a replay (`Idempotent-Replayed: true`) and counts it.
+fn mark_replayed(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    metrics::counter!("idempotent_replays_total").increment(1);
 }
 
 /// Renews a lease only while it is still ours (the value is unique per attempt).
@@ -310,10 +315,7 @@ async fn taken(state: &AppState, redis_key: &str, fingerprint: &str) -> Taken {
             if let Some(value) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
                 response.headers_mut().insert(header::CONTENT_TYPE, value);
             }
-            response
-                .headers_mut()
-                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            metrics::counter!("idempotent_replays_total").increment(1);
+            mark_replayed(&mut response);
             Taken::Answer(response)
         }
         Some(_) => reused(),
