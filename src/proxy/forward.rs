@@ -21,6 +21,7 @@ use super::{
     Shared,
     body::{ClientBody, PooledConn, Progress, UpstreamBody},
     error::ProxyError,
+    idle::Watch,
     upstream::Upstream,
 };
 
@@ -189,18 +190,22 @@ enum TryError {
     Timeout,
 }
 
-/// Handles one client request; never fails (errors are problem+json responses).
+/// Handles one client request arriving on the connection `watch` watches; never fails (errors
+/// are problem+json responses).
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: &Peer,
+    watch: &Watch,
 ) -> Response<ClientBody> {
     let started = Instant::now();
     // Decremented on drop: hyper drops this future when the client goes away mid-request.
     let _in_flight = InFlightGauge::new(&shared.metrics.in_flight);
+    // HTTP/1 requests are polled by their connection's task, whose sweeper times their waits.
+    let swept = (req.version() != Version::HTTP_2).then_some(watch);
     let (mut parts, body) = req.into_parts();
     let request_id = forwarding_headers(&mut parts.headers, &parts.uri, peer);
-    let response = match forward(&shared, parts, body).await {
+    let response = match forward(&shared, parts, body, swept).await {
         Ok(response) => response,
         Err(error) => {
             shared.metrics.local.record(error.status().as_u16());
@@ -227,10 +232,13 @@ impl Drop for InFlightGauge<'_> {
     }
 }
 
+/// `swept`: the connection's watch when the sweeper times the response wait (see
+/// [`Watch::within_response_timeout`]); otherwise a tokio timer does.
 async fn forward(
     shared: &Shared,
     mut parts: hyper::http::request::Parts,
     body: Incoming,
+    swept: Option<&Watch>,
 ) -> Result<Response<ClientBody>, ProxyError> {
     let config = &shared.config;
     // Upstreams get origin-form targets over HTTP/1.1.
@@ -282,7 +290,7 @@ async fn forward(
             shared.metrics.retries.fetch_add(1, Relaxed);
         }
         let upstream = &upstreams[index];
-        match try_upstream(shared, upstream, request).await {
+        match try_upstream(shared, upstream, request, swept).await {
             Ok(response) => return Ok(response),
             Err(TryError::NotSent(back, reason)) => {
                 shared.record_failure(upstream, &reason);
@@ -321,6 +329,7 @@ async fn try_upstream(
     shared: &Shared,
     upstream: &Arc<Upstream>,
     mut request: Request<UpstreamBody>,
+    swept: Option<&Watch>,
 ) -> Result<Response<ClientBody>, TryError> {
     let config = &shared.config;
     let flight = upstream.begin();
@@ -357,11 +366,12 @@ async fn try_upstream(
             continue;
         }
         let send = sender.try_send_request(request);
-        let sent = match &progress {
-            None => tokio::time::timeout(config.response_timeout, send)
+        let sent = match (&progress, swept) {
+            (None, Some(watch)) => watch.within_response_timeout(send).await,
+            (None, None) => tokio::time::timeout(config.response_timeout, send)
                 .await
                 .ok(),
-            Some(progress) => until_quiet(send, progress, config.response_timeout).await,
+            (Some(progress), _) => until_quiet(send, progress, config.response_timeout).await,
         };
         match sent {
             None => return Err(TryError::Timeout),

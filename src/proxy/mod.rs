@@ -7,6 +7,7 @@
 //! - [`forward`]: one request: header rules, choosing an upstream, retries, own errors.
 //! - [`upstream`]: one upstream's health, counters and connection pool.
 //! - [`body`]: the streamed request and response bodies.
+//! - [`idle`]: the idle timeout of client connections.
 //! - [`admin`]: the operator listener (`/status`, `/metrics`).
 //! - [`metrics`], [`error`]: counters, and the 502/503/504 answers.
 //!
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod body;
 pub mod error;
 pub mod forward;
+pub mod idle;
 pub mod metrics;
 pub mod upstream;
 
@@ -396,21 +398,25 @@ async fn accept_loop(
         }
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also the idle timeout of keep-alive connections: the timer runs while waiting for the
-        // next request's headers.
-        .header_read_timeout(shared.config.idle_timeout);
+    // No hyper timer for HTTP/1: the sweeper below closes connections idle for `idle_timeout`
+    // (waiting for a request or for the rest of its headers) without a timer per request.
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(shared.config.idle_timeout / 2));
     let graceful = GracefulShutdown::new();
+    let mut sweeper =
+        idle::Sweeper::new(shared.config.idle_timeout, shared.config.response_timeout);
+    let mut sweeps = tokio::time::interval(sweeper.period());
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = sweeps.tick() => {
+                sweeper.sweep();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -425,27 +431,46 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let peer = Peer::new(peer.ip(), shared.is_trusted(peer.ip()));
         let shared = shared.clone();
+        let watch = sweeper.watch();
+        let requests = watch.clone();
         let service = service_fn(move |request| {
             let shared = shared.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(forward::handle(shared, request, &peer).await) }
+            let busy = requests.begin();
+            async move {
+                let response = forward::handle(shared, request, &peer, &busy.0).await;
+                Ok::<_, Infallible>(response.map(|body| idle::BusyBody { body, busy }))
+            }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "client connection ended with an error");
+            tokio::select! {
+                biased;
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(%error, "client connection ended with an error");
+                },
+                // Idle for `idle_timeout` with nothing in flight: dropping it closes it.
+                () = watch.closed() => {}
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(shared.config.shutdown_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after the shutdown timeout; closing them");
+    let drained = graceful.shutdown();
+    let deadline = tokio::time::sleep(shared.config.shutdown_timeout);
+    tokio::pin!(drained, deadline);
+    loop {
+        tokio::select! {
+            () = &mut drained => break,
+            () = &mut deadline => {
+                tracing::warn!("requests still in flight after the shutdown timeout; closing them");
+                break;
+            }
+            // Requests finishing meanwhile still have their response timeout.
+            _ = sweeps.tick() => sweeper.sweep(),
+        }
     }
 }
 
