@@ -465,6 +465,16 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client speaking HTTP/2 without upgrade (h2c prior knowledge).
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .unwrap()
+}
+
 /// Polls `condition` every 10 ms until it holds; panics after `WAIT`.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -1021,12 +1031,7 @@ async fn expect_100_continue_upload_is_served() {
 async fn http2_prior_knowledge_client_is_served() {
     let up = TestUpstream::start("a").await;
     let proxy = TestProxy::start(config(&[&up.url])).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let h2 = h2_client();
 
     let response = h2
         .post(proxy.url("/echo?via=h2"))
@@ -1413,14 +1418,8 @@ async fn slow_upstream_beyond_response_timeout_gives_504() {
     let mut config = config(&[&up.url]);
     config.response_timeout = Duration::from_millis(300);
     let proxy = TestProxy::start(config).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
     // HTTP/1 waits are timed by the thread's sweeper, HTTP/2 ones by a timer each.
-    for client in [client(), h2] {
+    for client in [client(), h2_client()] {
         let started = Instant::now();
         let response = proxy.get(&client, "/slow/5000").await;
         let took = started.elapsed();

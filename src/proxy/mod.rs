@@ -7,7 +7,7 @@
 //! - [`forward`]: one request: header rules, choosing an upstream, retries, own errors.
 //! - [`upstream`]: one upstream's health, counters and connection pool.
 //! - [`body`]: the streamed request and response bodies.
-//! - [`idle`]: the idle timeout of client connections.
+//! - [`idle`]: client connections' idle and response timeouts, swept once per thread.
 //! - [`admin`]: the operator listener (`/status`, `/metrics`).
 //! - [`metrics`], [`error`]: counters, and the 502/503/504 answers.
 //!
