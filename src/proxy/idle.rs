@@ -8,9 +8,9 @@
 //! tenth of the shorter timeout:
 //!
 //! - *idle*: no request in flight — waiting for the next request, or for the rest of one's
-//!   headers (a client trickling them is cut off). A request resets the count when it starts and
-//!   when its response body is done; once idle for the whole `idle_timeout` the connection is
-//!   closed.
+//!   headers (a client trickling them is cut off). Nothing counts while a request is in flight,
+//!   and the count starts over when its response body is done; once idle for the whole
+//!   `idle_timeout` the connection is closed (unless a request arrived meanwhile).
 //! - *waiting*: a request waiting for an upstream's response headers. Past `response_timeout`
 //!   the wait ends (504). An HTTP/1 connection has one request at a time, served inside the
 //!   connection's task, so one flag and the task's waker do; HTTP/2 requests run as tasks of
@@ -50,8 +50,8 @@ pub struct Watch {
 impl Watch {
     /// Marks a request in flight until the returned guard (kept by its response body) drops.
     pub fn begin(self: &Arc<Self>) -> Busy {
+        // No sweep counts while it is in flight; the count restarts when it ends.
         self.busy.fetch_add(1, Relaxed);
-        self.idle_sweeps.store(0, Relaxed);
         Busy(self.clone())
     }
 
@@ -95,7 +95,14 @@ impl Watch {
 }
 
 /// A request in flight on a watched connection.
-pub struct Busy(pub Arc<Watch>);
+pub struct Busy(Arc<Watch>);
+
+impl Busy {
+    /// The connection's watch.
+    pub fn watch(&self) -> &Watch {
+        &self.0
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -117,10 +124,14 @@ impl Future for Closed<'_> {
             let _ = watch.task.set(cx.waker().clone());
         }
         if watch.close.load(Relaxed) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+            if watch.busy.load(Relaxed) == 0 {
+                return Poll::Ready(());
+            }
+            // A request arrived between the sweep and this poll (the connection is polled
+            // first): the connection is in use again, and its idle time starts over.
+            watch.close.store(false, Relaxed);
         }
+        Poll::Pending
     }
 }
 
@@ -264,6 +275,33 @@ mod tests {
         );
         sweeper.sweep();
         assert!(closing(&watch));
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_after_the_sweep_keeps_the_connection() {
+        let mut sweeper = Sweeper::new(Duration::from_millis(500), Duration::from_secs(60));
+        let watch = sweeper.watch();
+        let mut closed = tokio_test::task::spawn(watch.closed());
+        assert!(closed.poll().is_pending());
+        for _ in 0..11 {
+            sweeper.sweep();
+        }
+        assert!(closed.is_woken(), "the sweeper wakes the connection's task");
+        let busy = watch.begin();
+        assert!(
+            closed.poll().is_pending(),
+            "closed under a request in flight"
+        );
+        drop(busy);
+        for _ in 0..10 {
+            sweeper.sweep();
+        }
+        assert!(
+            closed.poll().is_pending(),
+            "the idle time did not start over"
+        );
+        sweeper.sweep();
+        assert_eq!(closed.poll(), Poll::Ready(()));
     }
 
     #[tokio::test]

@@ -438,7 +438,7 @@ async fn accept_loop(
             let peer = peer.clone();
             let busy = requests.begin();
             async move {
-                let response = forward::handle(shared, request, &peer, &busy.0).await;
+                let response = forward::handle(shared, request, &peer, busy.watch()).await;
                 Ok::<_, Infallible>(response.map(|body| idle::BusyBody { body, busy }))
             }
         });
