@@ -357,12 +357,21 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// Whether `pid` is a live (not zombie) process: an exited child of a dead parent stays a
 /// zombie until init reaps it, which can take a while and is no running process.
 fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the parenthesised command name.
-        stat.rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
+    // Every thread counts, not only `/proc/{pid}/stat`, which is the first thread's: while a
+    // process exits, that thread can already be a zombie while another is still running and
+    // holds the file table, listening sockets included (a one-off "port still held by an
+    // orphan" in a full local run, on a busy machine).
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().any(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
     })
 }
 
