@@ -337,8 +337,9 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// Idle keep-alive connections (client side and pooled upstream side) are closed after
-    /// this long. Default 60s. Client side, this and `response_timeout` are checked every tenth
-    /// of the shorter one (at most every second), so each ends up to two checks late.
+    /// this long. Default 60s. Client side, this and the HTTP/1 wait for `response_timeout` are
+    /// checked every tenth of the shorter one (at most every second), so each ends up to two
+    /// checks late; HTTP/2 requests and streamed uploads have a timer of their own.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Extra tries on other upstreams after a failure that is safe to retry. Default 2.

@@ -87,6 +87,16 @@ impl Watch {
         .await
     }
 
+    /// One more sweep on `sweeps`; at `limit`, raises `ended` and wakes the connection's task.
+    fn count(&self, sweeps: &AtomicU32, limit: u32, ended: &AtomicBool) {
+        let counted = sweeps.load(Relaxed) + 1;
+        sweeps.store(counted, Relaxed);
+        if counted >= limit {
+            ended.store(true, Relaxed);
+            self.wake();
+        }
+    }
+
     fn wake(&self) {
         if let Some(task) = self.task.get() {
             task.wake_by_ref();
@@ -209,21 +219,10 @@ impl Sweeper {
                 return false;
             }
             if watch.waiting.load(Relaxed) && !watch.timed_out.load(Relaxed) {
-                let sweeps = watch.waiting_sweeps.load(Relaxed) + 1;
-                watch.waiting_sweeps.store(sweeps, Relaxed);
-                if sweeps >= response_limit {
-                    watch.timed_out.store(true, Relaxed);
-                    watch.wake();
-                }
+                watch.count(&watch.waiting_sweeps, response_limit, &watch.timed_out);
             }
-            if watch.busy.load(Relaxed) > 0 || watch.close.load(Relaxed) {
-                return true;
-            }
-            let sweeps = watch.idle_sweeps.load(Relaxed) + 1;
-            watch.idle_sweeps.store(sweeps, Relaxed);
-            if sweeps >= idle_limit {
-                watch.close.store(true, Relaxed);
-                watch.wake();
+            if watch.busy.load(Relaxed) == 0 && !watch.close.load(Relaxed) {
+                watch.count(&watch.idle_sweeps, idle_limit, &watch.close);
             }
             true
         });
