@@ -22,6 +22,10 @@
 # from /proc: what a request costs). The best run of each proxy (highest req/s) is printed as
 # well, then each proxy's memory. Every run is printed and kept in runs.tsv.
 #
+# Before/after a change: TASKD_BASE_BIN=<the previous binary> adds a third proxy, `base` (that
+# binary's `taskd proxy`, same workers), to every round (the order rotating), and the summary adds
+# the ratios base/nginx and taskd/base, so "within 2 % of before" is read from one run.
+#
 # Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, workers
 # BASE_PORT+10.. . Every process started here is stopped on exit; exits non-zero when anything
 # fails to start or a load run fails.
@@ -42,6 +46,8 @@ OUT=${BENCH_OUT:-target/bench-proxy-nginx}
 NGINX_PORT=$BASE_PORT
 TASKD_PORT=$((BASE_PORT + 1))
 ADMIN_PORT=$((BASE_PORT + 2))
+BASE_PROXY_PORT=$((BASE_PORT + 3))
+BASE_ADMIN_PORT=$((BASE_PORT + 4))
 WORKER_BASE=$((BASE_PORT + 10))
 
 die() { echo "bench-proxy-nginx: $*" >&2; exit 1; }
@@ -68,13 +74,17 @@ for tool in curl jq psql; do command -v "$tool" >/dev/null || die "$tool is need
 if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
 BIN=${TASKD_BIN:-target/release/taskd}
 [ -x "$BIN" ] || die "no taskd binary at $BIN"
+BASE_BIN=${TASKD_BASE_BIN:-}
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "no taskd binary at TASKD_BASE_BIN=$BASE_BIN"
+PROXIES=(nginx taskd)
+[ -z "$BASE_BIN" ] || PROXIES+=(base)
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-proxy-nginx.XXXXXX")
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$NGINX_PORT" "$TASKD_PORT" "$ADMIN_PORT" $(seq "$WORKER_BASE" $((WORKER_BASE + WORKERS - 1))); do
+for port in "$NGINX_PORT" "$TASKD_PORT" "$ADMIN_PORT" "$BASE_PROXY_PORT" "$BASE_ADMIN_PORT" $(seq "$WORKER_BASE" $((WORKER_BASE + WORKERS - 1))); do
   port_free "$port" || die "port $port is in use (set BASE_PORT)"
 done
 
@@ -82,6 +92,7 @@ done
 PIDS=()
 NGINX_PID=
 TASKD_PID=
+BASE_PID=
 FAILED_RUNS=0
 cleanup() {
   local status=$?
@@ -212,10 +223,17 @@ wait_http "http://127.0.0.1:$NGINX_PORT/health/live" "$NGINX_PID" nginx
 TASKD_PID=$!
 PIDS+=("$TASKD_PID")
 wait_http "http://127.0.0.1:$TASKD_PORT/health/live" "$TASKD_PID" "taskd proxy"
+if [ -n "$BASE_BIN" ]; then
+  "$BASE_BIN" --log-level warn proxy --listen "127.0.0.1:$BASE_PROXY_PORT" "${UPSTREAMS[@]}" \
+    --admin-listen "127.0.0.1:$BASE_ADMIN_PORT" >"$TMP/base-proxy.log" 2>&1 &
+  BASE_PID=$!
+  PIDS+=("$BASE_PID")
+  wait_http "http://127.0.0.1:$BASE_PROXY_PORT/health/live" "$BASE_PID" "base taskd proxy"
+fi
 
 # --- load --------------------------------------------------------------------------------------
 ENDPOINTS=("/health/live" "/api/v1/tasks?limit=20")
-port_of() { if [ "$1" = nginx ]; then echo "$NGINX_PORT"; else echo "$TASKD_PORT"; fi; }
+port_of() { case $1 in nginx) echo "$NGINX_PORT" ;; base) echo "$BASE_PROXY_PORT" ;; *) echo "$TASKD_PORT" ;; esac; }
 auth_for() { case $1 in /api/*) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;; esac; }
 
 . scripts/cpu.sh
@@ -240,11 +258,11 @@ load() {
   fi
 }
 
-echo "workers: $WORKERS   nginx: 127.0.0.1:$NGINX_PORT   taskd proxy: 127.0.0.1:$TASKD_PORT"
+echo "workers: $WORKERS   nginx: 127.0.0.1:$NGINX_PORT   taskd proxy: 127.0.0.1:$TASKD_PORT${BASE_BIN:+   base proxy ($BASE_BIN): 127.0.0.1:$BASE_PROXY_PORT}"
 echo "wrk: $WRK_THREADS threads, $CONNECTIONS keep-alive connections, ${DURATION}s a run, $ROUNDS rounds"
 echo "warming up (${WARMUP}s per proxy and endpoint)"
 for endpoint in "${ENDPOINTS[@]}"; do
-  for proxy in nginx taskd; do load "$proxy" "$endpoint" "$WARMUP" "$TMP/warmup.txt"; done
+  for proxy in "${PROXIES[@]}"; do load "$proxy" "$endpoint" "$WARMUP" "$TMP/warmup.txt"; done
 done
 
 RESULTS="$OUT/runs.tsv"
@@ -254,12 +272,17 @@ echo "(proxy cpu, workers cpu: CPU time per request in microseconds, user + syst
 printf '%-24s %-6s %5s %12s %10s %10s %9s %9s  %s\n' endpoint proxy round req/s p50 p99 \
   "proxy cpu" "wrk. cpu" errors
 for round in $(seq 1 "$ROUNDS"); do
-  # Alternate which proxy goes first so a drifting machine favours neither.
-  if [ $((round % 2)) = 1 ]; then order=(nginx taskd); else order=(taskd nginx); fi
+  # Rotate which proxy goes first so a drifting machine favours none: with two, they alternate.
+  shift_by=$(((round - 1) % ${#PROXIES[@]}))
+  order=("${PROXIES[@]:$shift_by}" "${PROXIES[@]:0:$shift_by}")
   for endpoint in "${ENDPOINTS[@]}"; do
     for proxy in "${order[@]}"; do
       file="$TMP/run.txt"
-      if [ "$proxy" = nginx ]; then proxy_pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; else proxy_pids=$TASKD_PID; fi
+      case $proxy in
+        nginx) proxy_pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" ;;
+        base) proxy_pids=$BASE_PID ;;
+        *) proxy_pids=$TASKD_PID ;;
+      esac
       proxy_before=$(cpu_ticks $proxy_pids)
       workers_before=$(cpu_ticks "${PIDS[@]:0:$WORKERS}")
       load "$proxy" "$endpoint" "$DURATION" "$file"
@@ -294,18 +317,20 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
     # per request in a slow phase) and this ratio moves by ~2 % between rounds, not ~20 %.
     if ($8 + 0 > 0) run[$1, $2, $3, "cpun"] = $7 / $8
     if ($3 + 0 > rounds) rounds = $3 + 0
+    if ($2 == "base") has_base = 1
   }
   # Sorts v[1..k] in place (insertion sort: a handful of values).
   function sort(v, k,    i, j, t) {
     for (i = 2; i <= k; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
   }
   function median(v, k) { return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2 }
-  # "median (min-max)" of the per-round ratios taskd/nginx of one measure (rps, p99, cpu) of
-  # endpoint e; sets last_median ("" when no round has both).
-  function ratios(e, what,    r, k, v, a, b) {
+  # "median (min-max)" of the per-round ratios x/y (default taskd/nginx) of one measure (rps,
+  # p99, cpu) of endpoint e; sets last_median ("" when no round has both).
+  function ratios(e, what, x, y,    r, k, v, a, b) {
+    if (x == "") { x = "taskd"; y = "nginx" }
     k = 0; last_median = ""
     for (r = 1; r <= rounds; r++) {
-      a = run[e, "taskd", r, what]; b = run[e, "nginx", r, what]
+      a = run[e, x, r, what]; b = run[e, y, r, what]
       if (a + 0 > 0 && b + 0 > 0) v[++k] = a / b
     }
     if (k == 0) return "n/a"
@@ -325,6 +350,10 @@ awk -F'\t' -v conns="$CONNECTIONS" -v workers="$WORKERS" '
       printf "%-24s p99        %-22s %s\n", "", l, (lm == "") ? "" : (lm <= 1) ? "ok (want <= 1)" : "ABOVE NGINX (want <= 1)"
       printf "%-24s proxy CPU per request %s\n", "", c
       printf "%-24s proxy CPU per request relative to the workers %s\n", "", w
+      if (has_base) {
+        printf "%-24s base/nginx: throughput %s  p99 %s  CPU rel. workers %s\n", "", ratios(e, "rps", "base", "nginx"), ratios(e, "p99", "base", "nginx"), ratios(e, "cpun", "base", "nginx")
+        printf "%-24s taskd/base: throughput %s  p99 %s  CPU rel. workers %s\n", "", ratios(e, "rps", "taskd", "base"), ratios(e, "p99", "taskd", "base"), ratios(e, "cpun", "taskd", "base")
+      }
     }
     printf "\nbest run of each (highest req/s):\n"
     printf "%-24s %-6s %12s %10s %10s\n", "endpoint", "proxy", "req/s", "p50", "p99"
