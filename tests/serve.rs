@@ -5,7 +5,10 @@
 //!
 //! Short probe intervals and backoffs (`TASKD_SUPERVISOR__*`) keep the file fast. The tests take
 //! turns (one cluster at a time): each runs four processes, and timing checks such as "a hung
-//! worker is detected" should not depend on how many other clusters share the two cores.
+//! worker is detected" should not depend on how many other clusters share the two cores. Under
+//! `cargo test` the tests of this file are threads of one process and [`TURN`] serialises them;
+//! under `cargo nextest run` each is a process of its own and the `clusters` test group of
+//! `.config/nextest.toml` does.
 //!
 //! Needs PostgreSQL at `127.0.0.1:5432` (user `postgres`, trust auth) and Redis at
 //! `127.0.0.1:6379`.
@@ -38,7 +41,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound for anything the supervisor does in reaction to an event (restart, replace).
 const REACT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// One cluster at a time (see the module docs).
+/// One cluster at a time under `cargo test` (see the module docs).
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Short probe and backoff settings, so hangs and crash loops show within a second or two.
