@@ -168,7 +168,9 @@ pub struct RateLimitConfig {
     pub pro: u64,
     /// Requests per window for a user of tier `enterprise`. Default 100000.
     pub enterprise: u64,
-    /// Failed logins allowed per (client IP, email) within `login_window`. Default 5.
+    /// Password attempts allowed per (client IP, email) at login, and per user for the
+    /// `currentPassword` of a password change, within `login_window`; reserved before the
+    /// password is checked, forgiven on success. Default 5.
     pub login_attempts: u32,
     /// Window of the failed-login limit. Default 15m.
     #[serde(with = "humantime_serde")]
@@ -275,6 +277,18 @@ pub struct WorkerConfig {
     /// How long in-flight requests may run after SIGTERM before the worker exits anyway. Default 10s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Longest from the first byte of a request to the end of its headers; past it the
+    /// connection is closed. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client connection with nothing in flight and no traffic for this long is closed.
+    /// Default 75s: above `proxy.idle_timeout`, so the proxy retires its pooled connections
+    /// first.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most open client connections; past it new ones wait in the kernel's backlog.
+    /// Default 10000.
+    pub max_connections: usize,
 }
 
 impl Default for WorkerConfig {
@@ -291,6 +305,9 @@ impl Default for WorkerConfig {
                 "::1/128".parse().expect("valid CIDR"),
             ],
             shutdown_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
         }
     }
 }
@@ -662,6 +679,21 @@ impl Config {
             "must be greater than zero",
         )?;
         check(
+            !self.worker.header_read_timeout.is_zero(),
+            "worker.header_read_timeout",
+            "must be greater than zero",
+        )?;
+        check(
+            !self.worker.idle_timeout.is_zero(),
+            "worker.idle_timeout",
+            "must be greater than zero",
+        )?;
+        check(
+            self.worker.max_connections >= 1,
+            "worker.max_connections",
+            "must be at least 1",
+        )?;
+        check(
             self.worker.body_limit.as_u64() >= 1024,
             "worker.body_limit",
             "must be at least 1KiB",
@@ -807,15 +839,45 @@ pub fn parse_upstream_url(raw: &str) -> Result<String, String> {
     })
 }
 
-/// The URL with its password replaced, for logs and `taskd config`.
+/// The URL with its secrets replaced, for logs and `taskd config`: the password of the
+/// userinfo and every query parameter whose name contains `password` (`?password=`,
+/// `sslpassword`, fred's `sentinelPassword`). Works on text rather than a parsed URL, so that
+/// what no URL parser reads (`redis-sentinel://:p@h1:26379,h2:26379/…`) is redacted too.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("REDACTED"));
-            parsed.to_string()
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => {
+                    let userinfo = match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{user}:REDACTED"),
+                        None => userinfo.to_owned(),
+                    };
+                    format!("{scheme}://{userinfo}@{hosts}{path}")
+                }
+                None => base.to_owned(),
+            }
         }
-        _ => url.to_owned(),
+        None => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                    format!("{name}=REDACTED")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
     }
+    shown
 }
 
 #[cfg(test)]
@@ -851,6 +913,14 @@ mod tests {
         assert_eq!(
             redact_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=secret&sslmode=require&sslpassword=k"),
+            "postgres://u@h/db?password=REDACTED&sslmode=require&sslpassword=REDACTED"
+        );
+        assert_eq!(
+            redact_url("redis-sentinel://:secret@h1:26379,h2:26379/0?sentinelPassword=s2&x=1"),
+            "redis-sentinel://:REDACTED@h1:26379,h2:26379/0?sentinelPassword=REDACTED&x=1"
         );
     }
 

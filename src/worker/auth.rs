@@ -153,14 +153,13 @@ async fn login(
         client,
         email.as_deref().unwrap_or(body.email.as_str()),
     );
-    guard.check(&state).await?;
+    guard.reserve(&state).await?;
     let credentials = match &email {
         Ok(email) => store::users::credentials_by_email(&state.db, email).await?,
         Err(_) => None,
     };
     let hash = credentials.as_ref().map(|c| c.password_hash.as_str());
     if !state.passwords.verify(&body.password, hash).await? {
-        guard.failed(&state).await;
         return Err(BAD_CREDENTIALS);
     }
     guard.succeeded(&state).await;
@@ -209,7 +208,7 @@ async fn refresh(
         user,
         token_version,
         ..
-    } = store::users::credentials(&state.db, user_id)
+    } = store::users::credentials(&mut *tx, user_id)
         .await?
         .ok_or(ApiError::Unauthorized(
             "the refresh token is invalid or expired",

@@ -38,11 +38,10 @@ use axum::{
 use bytes::{BufMut, Bytes, BytesMut};
 use fred::types::scripts::Script;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::{error::ApiError, redis::Redis, tokens::Bearer};
+use super::{AppState, error::ApiError, redis::Redis, tokens::Bearer};
 use crate::config::CacheConfig;
 
 pub const X_CACHE: &str = "x-cache";
@@ -218,7 +217,7 @@ impl Cache {
     pub async fn get_or_load<F, Fut>(
         &self,
         caller: &Bearer,
-        db: &PgPool,
+        state: &AppState,
         read: Read<'_>,
         request: &HeaderMap,
         load: F,
@@ -230,7 +229,7 @@ impl Cache {
         // The paths that load are boxed: their futures (SQL included) are large, and inline
         // they would make every hit's future as large, to be copied into place per request.
         if !self.usable().await {
-            return Box::pin(self.bypass(caller, db, request, load)).await;
+            return Box::pin(self.bypass(caller, state, request, load)).await;
         }
         let entry_key = self.entry_key(read.owner, read.kind, read.query);
         let keys = vec![
@@ -246,7 +245,7 @@ impl Cache {
                         .and_then(|b| std::str::from_utf8(b).ok())
                         .and_then(|s| s.parse::<i64>().ok())
                 };
-                caller.accept(number(&values[0]))?;
+                caller.check(state, number(&values[0])).await?;
                 let stamp = (
                     number(&values[1]).unwrap_or(0),
                     number(&values[2]).unwrap_or(0),
@@ -257,7 +256,7 @@ impl Cache {
                 }
                 stamp
             }
-            Err(_) => return Box::pin(self.bypass(caller, db, request, load)).await,
+            Err(_) => return Box::pin(self.bypass(caller, state, request, load)).await,
         };
         metrics::counter!("cache_requests_total", "outcome" => "miss").increment(1);
         let cached = Box::pin(self.single_flight(&entry_key, stamp, load)).await?;
@@ -268,7 +267,7 @@ impl Cache {
     async fn bypass<F, Fut>(
         &self,
         caller: &Bearer,
-        db: &PgPool,
+        state: &AppState,
         request: &HeaderMap,
         load: F,
     ) -> Result<Response, ApiError>
@@ -276,7 +275,7 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
-        caller.verify(&self.redis, db).await?;
+        caller.verify(state).await?;
         metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
         Ok(Cached::new(load().await?).respond(request, "BYPASS"))
     }

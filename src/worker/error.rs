@@ -293,6 +293,19 @@ impl From<sqlx::Error> for ApiError {
             {
                 Self::Unavailable("the database is unavailable; retry shortly")
             }
+            // 23503 foreign_key_violation on an owner: the caller's account was deleted after
+            // its token was checked (every owned row references users (id)).
+            sqlx::Error::Database(e)
+                if e.code().as_deref() == Some("23503")
+                    && e.constraint().is_some_and(|c| c.ends_with("owner_id_fkey")) =>
+            {
+                Self::Unauthorized("the account no longer exists")
+            }
+            // 22008 datetime_field_overflow: a timestamp PostgreSQL cannot hold. Inputs are
+            // checked before they reach it; this keeps any that slip through a client error.
+            sqlx::Error::Database(e) if e.code().as_deref() == Some("22008") => {
+                Self::bad_request("a timestamp is out of range (years 0001 to 9999)")
+            }
             // 22021 character_not_in_repertoire: text with a NUL character, which PostgreSQL
             // cannot store; it comes from the client, in a body field or a cursor.
             sqlx::Error::Database(e) if e.code().as_deref() == Some("22021") => {

@@ -7,6 +7,9 @@
 //! status are not kept, so the client's retry runs again. When Redis cannot answer, requests
 //! run without the Redis guarantee (`idempotency.fail_open`, default) or get a 503.
 //!
+//! Not on `/auth/*` (see `routes` in `worker/mod.rs`): nothing in Redis may hold a usable
+//! token, and a refresh must never be replayed.
+//!
 //! # A worker dying mid-request
 //!
 //! The `running` record is a lease of [`LEASE`], renewed while the request runs, so a worker

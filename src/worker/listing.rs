@@ -164,10 +164,14 @@ fn decode_cursor(raw: &str, sort_tag: &str, kinds: &[KeyKind]) -> Option<Positio
         .into_iter()
         .zip(kinds)
         .map(|(value, kind)| {
+            // The relaxed parser too: it reads back what `encode_cursor` wrote for a year
+            // past 9999 (`+200000-…`), which rows stored before such years were refused hold.
             let time = |v: &serde_json::Value| {
-                v.as_str()
-                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                let s = v.as_str()?;
+                DateTime::parse_from_rfc3339(s)
                     .map(|t| t.with_timezone(&Utc))
+                    .or_else(|_| s.parse::<DateTime<Utc>>())
+                    .ok()
             };
             match kind {
                 KeyKind::Time => time(&value).map(KeyValue::Time),
@@ -394,6 +398,26 @@ mod tests {
         assert_eq!(parsed.fetch(), 6);
         let other = PageRequest::parse(None, None, Some(&raw), "title", KINDS).unwrap_err();
         assert_eq!(other[0].field, "cursor");
+    }
+
+    #[test]
+    fn cursors_over_extreme_timestamps_round_trip() {
+        let kinds = &[KeyKind::Time];
+        for raw in [
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999Z",
+            "+200000-01-01T00:00:00Z",
+        ] {
+            let time: DateTime<Utc> = raw.parse().unwrap();
+            let position = Position {
+                values: vec![KeyValue::Time(time)],
+                id: Uuid::now_v7(),
+            };
+            let cursor = encode_cursor("createdAt", &position);
+            let parsed = PageRequest::parse(None, None, Some(&cursor), "createdAt", kinds)
+                .unwrap_or_else(|e| panic!("{raw}: {e:?}"));
+            assert_eq!(parsed.mode, Mode::Cursor(Some(position)), "{raw}");
+        }
     }
 
     #[test]

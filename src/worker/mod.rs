@@ -20,13 +20,14 @@ mod health;
 mod idempotency;
 pub mod middleware;
 mod openapi;
+mod server;
 mod tasks;
 mod users;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use anyhow::Context;
-use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue, serve::ListenerExt};
+use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -135,23 +136,28 @@ fn hostname() -> String {
 
 /// Every documented route, with its OpenAPI description; with `state`, also the `/api/v1`
 /// middleware (rate limit outermost, then idempotency keys), which the document does not need.
+///
+/// `/auth/*` is outside the idempotency layer: its answers carry credentials, which must not
+/// sit in Redis for a day, and replaying a refresh would hand out the same pair twice and
+/// defeat re-use detection. A key sent there is ignored; a repeated refresh is a re-use.
 fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
-    let mut api = OpenApiRouter::new()
-        .merge(auth::router())
+    let mut keyed = OpenApiRouter::new()
         .merge(users::router())
         .merge(categories::router())
         .merge(tasks::router())
         .merge(admin::router());
     if let Some(state) = state {
-        api = api
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                idempotency::idempotency,
-            ))
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                ratelimit::limit,
-            ));
+        keyed = keyed.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotency,
+        ));
+    }
+    let mut api = OpenApiRouter::new().merge(auth::router()).merge(keyed);
+    if let Some(state) = state {
+        api = api.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ));
     }
     OpenApiRouter::with_openapi(openapi::base())
         .nest("/api/v1", api)
@@ -184,26 +190,19 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` fires, then lets in-flight requests
-/// finish for up to `worker.shutdown_timeout`.
+/// finish for up to `worker.shutdown_timeout`. Connection limits: [`server`].
 pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
     let shutdown = state.shutdown.clone();
-    let grace = state.config.worker.shutdown_timeout;
-    let app = app(state);
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tokio::select! {
-        result = server => result.context("serving HTTP")?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "in-flight requests still running after the grace period; exiting");
-        }
-    }
-    Ok(())
+    let config = &state.config.worker;
+    let limits = server::Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    server::serve(listener, app(state), limits, shutdown)
+        .await
+        .context("serving HTTP")
 }
 
 /// `taskd worker`: migrate, bind, serve until `shutdown` (SIGTERM/SIGINT, or whatever else the

@@ -50,11 +50,24 @@ redis.call('PEXPIRE', KEYS[1], window * 2)
 return {1, current + 1, previous}
 ";
 
-/// Counts a failed login and starts its window on the first one. KEYS: counter. ARGV: window s.
-const COUNT_FAILURE: &str = r"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return n
+/// Reserves one password attempt, atomically, before the (slow) password check runs: refused
+/// when `limit` attempts are already counted. A reservation is an assumed failure; a success
+/// clears the counter. Checking first and counting after the check would let every one of
+/// many concurrent guesses through.
+/// KEYS: counter. ARGV: limit, window ms. Returns {reserved (0|1), ms until the window ends}.
+const RESERVE_ATTEMPT: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    ttl = tonumber(ARGV[2])
+  end
+  return {0, ttl}
+end
+n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {1, 0}
 ";
 
 /// Who a request is counted against.
@@ -114,14 +127,14 @@ fn signed_claims(state: &AppState, headers: &HeaderMap) -> Option<Claims> {
 /// The per-process handles: compiled scripts.
 pub struct Limiter {
     window: Script,
-    failure: Script,
+    attempt: Script,
 }
 
 impl Default for Limiter {
     fn default() -> Self {
         Self {
             window: Script::from_lua(SLIDING_WINDOW),
-            failure: Script::from_lua(COUNT_FAILURE),
+            attempt: Script::from_lua(RESERVE_ATTEMPT),
         }
     }
 }
@@ -257,7 +270,9 @@ pub async fn limit(
     response
 }
 
-/// The failed-login limit for one (client IP, email).
+/// The limit on password guesses: per (client IP, email) for logins, per user for the
+/// `currentPassword` of a password change (a stolen access token must not be a free oracle).
+/// `rate_limit.login_attempts` per `rate_limit.login_window`, counted across all workers.
 pub struct LoginGuard {
     key: String,
 }
@@ -271,31 +286,40 @@ impl LoginGuard {
         }
     }
 
-    /// 429 when this pair has used up its failed attempts.
-    pub async fn check(&self, state: &AppState) -> Result<(), ApiError> {
+    /// The guard on `user`'s current password.
+    pub fn for_user(state: &AppState, user: Uuid) -> Self {
+        Self {
+            key: state.redis.key(&format!("pwcheck:{{{user}}}")),
+        }
+    }
+
+    /// Reserves one attempt before the password is checked; 429 when they are used up.
+    pub async fn reserve(&self, state: &AppState) -> Result<(), ApiError> {
         let config = &state.config.rate_limit;
         if !config.enabled {
             return Ok(());
         }
-        match state.redis.get_i64(&self.key).await {
-            Ok(Some(failures)) if failures >= i64::from(config.login_attempts) => {
+        let args = vec![
+            config.login_attempts.to_string(),
+            config.login_window.as_millis().max(1).to_string(),
+        ];
+        let reserved: Result<(i64, i64), _> = state
+            .redis
+            .script(&state.limiter.attempt, vec![self.key.clone()], args)
+            .await;
+        match reserved {
+            Ok((1, _)) => Ok(()),
+            Ok((_, wait_ms)) => {
                 metrics::counter!("rate_limited_total", "kind" => "login").increment(1);
-                let wait = state
-                    .redis
-                    .ttl(&self.key)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or(config.login_window);
+                let wait = Duration::from_millis(wait_ms.max(1) as u64);
                 Err(ApiError::TooManyRequests {
                     detail: format!(
-                        "too many failed logins; try again in {}",
-                        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                        "too many failed password attempts; try again in {}",
+                        humantime::format_duration(Duration::from_secs(seconds_up(wait)))
                     ),
                     retry_after: wait,
                 })
             }
-            Ok(_) => Ok(()),
             Err(_) if config.fail_open => Ok(()),
             Err(_) => Err(ApiError::Unavailable(
                 "rate limiting is unavailable; retry shortly",
@@ -303,17 +327,7 @@ impl LoginGuard {
         }
     }
 
-    pub async fn failed(&self, state: &AppState) {
-        let config = &state.config.rate_limit;
-        if config.enabled {
-            let window = config.login_window.as_secs().max(1).to_string();
-            let _: Result<i64, _> = state
-                .redis
-                .script(&state.limiter.failure, vec![self.key.clone()], vec![window])
-                .await;
-        }
-    }
-
+    /// The password was right: the failures counted so far are forgiven.
     pub async fn succeeded(&self, state: &AppState) {
         if state.config.rate_limit.enabled {
             let _ = state.redis.del(&self.key).await;

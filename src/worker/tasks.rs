@@ -6,7 +6,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -167,14 +167,29 @@ fn parse_list<T>(
 }
 
 fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>, FieldError> {
-    DateTime::parse_from_rfc3339(raw)
+    let time = DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| {
             FieldError::new(
                 field,
                 "must be an RFC 3339 timestamp, e.g. 2026-01-31T17:00:00Z",
             )
-        })
+        })?;
+    check_time(field, time)
+}
+
+/// Timestamps the API accepts: years 0001 to 9999, what RFC 3339 can write. Outside that
+/// range PostgreSQL refuses some (before 4713 BC) and stores others that no RFC 3339 parser
+/// reads back, so a cursor over them could not be followed.
+fn check_time(field: &str, time: DateTime<Utc>) -> Result<DateTime<Utc>, FieldError> {
+    if (1..=9999).contains(&time.year()) {
+        Ok(time)
+    } else {
+        Err(FieldError::new(
+            field,
+            "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ))
+    }
 }
 
 /// Turns the raw query into filter, sort, paging and the owner to list; all errors at once.
@@ -264,7 +279,7 @@ async fn list_tasks(
     });
     let (owner, filter, sort, page) = match parsed {
         Ok(parsed) => parsed,
-        Err(error) => return Err(caller.refuse(&state.redis, &state.db, error).await),
+        Err(error) => return Err(caller.refuse(&state, error).await),
     };
     let query = canonical_query(uri.query());
     let read = Read {
@@ -274,7 +289,7 @@ async fn list_tasks(
     };
     state
         .cache
-        .get_or_load(&caller, &state.db, read, &headers, || async {
+        .get_or_load(&caller, &state, read, &headers, || async {
             let (rows, total) =
                 store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
             let tag = sort.tag();
@@ -303,6 +318,7 @@ async fn create_task(
             .map(check_description)
             .transpose(),
     );
+    errors.take(body.due_at.map(|t| check_time("dueAt", t)).transpose());
     errors.into_validation()?;
     let title = title.unwrap_or_default();
     let task = NewTask {
@@ -335,7 +351,7 @@ async fn get_task(
 ) -> Result<Response, ApiError> {
     let PathId(id) = match id {
         Ok(id) => id,
-        Err(error) => return Err(caller.refuse(&state.redis, &state.db, error).await),
+        Err(error) => return Err(caller.refuse(&state, error).await),
     };
     let me = caller.claimed();
     let kind = format!("task:{id}");
@@ -346,7 +362,7 @@ async fn get_task(
     };
     state
         .cache
-        .get_or_load(&caller, &state.db, read, &headers, || async {
+        .get_or_load(&caller, &state, read, &headers, || async {
             let task = store::tasks::get(&state.db, me.id, id)
                 .await?
                 .ok_or(NO_TASK)?;
@@ -373,6 +389,9 @@ async fn update_task(
         .flatten();
     if let Some(Some(text)) = &body.description {
         errors.take(check_description(text));
+    }
+    if let Some(Some(due_at)) = body.due_at {
+        errors.take(check_time("dueAt", due_at));
     }
     errors.into_validation()?;
     let changes = TaskChanges {

@@ -7,7 +7,14 @@
 //! GET and no SQL — or nothing extra on a cached read, where that key travels in the cache's own
 //! `MGET` ([`Bearer`]). If Redis cannot answer, the check falls back to PostgreSQL.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
@@ -19,11 +26,11 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
+use fred::types::scripts::Script;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -66,6 +73,11 @@ pub struct TokenKeys {
     /// every use; revocation is not this cache's business (the token version is checked per
     /// request, see [`Bearer`]).
     verified: Mutex<HashMap<Box<str>, Claims>>,
+    /// Writes a token version unless Redis already holds a later one ([`RAISE_VERSION`]).
+    raise: Script,
+    /// Revocations of this worker that have not reached Redis yet. While there are any, every
+    /// token is checked against PostgreSQL instead of Redis.
+    unpublished: Arc<AtomicUsize>,
     /// Lifetime of access tokens; also how long a revocation is kept in Redis.
     pub access_ttl: Duration,
     /// Lifetime of refresh tokens.
@@ -82,6 +94,8 @@ impl TokenKeys {
             decoding: DecodingKey::from_secret(secret),
             validation,
             verified: Mutex::default(),
+            raise: Script::from_lua(RAISE_VERSION),
+            unpublished: Arc::default(),
             access_ttl: config.access_ttl,
             refresh_ttl: config.refresh_ttl,
         }
@@ -126,6 +140,11 @@ impl TokenKeys {
         }
         verified.insert(token.into(), claims.clone());
         Ok(claims)
+    }
+
+    /// Whether a revocation of this worker is still waiting to reach Redis.
+    fn publishing(&self) -> bool {
+        self.unpublished.load(Ordering::Acquire) > 0
     }
 
     fn verified_claims(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Claims>> {
@@ -218,19 +237,68 @@ fn version_key(redis: &Redis, user: Uuid) -> String {
     redis.key(&format!("tokver:{{{user}}}"))
 }
 
+/// Sets `KEYS[1]` to `ARGV[1]` (for `ARGV[2]` ms) unless it holds a later version or the
+/// deleted mark (-1), which is final. Versions only rise, so a slow fill from PostgreSQL can
+/// never overwrite the revocation a password change published meanwhile. Returns the value
+/// the key holds afterwards.
+const RAISE_VERSION: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]))
+local value = tonumber(ARGV[1])
+if current ~= nil and (current == -1 or (value ~= -1 and current >= value)) then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return value
+"#;
+
+/// Writes `version` as `user`'s published token version unless a later one is there.
+async fn raise_version(
+    state: &AppState,
+    user: Uuid,
+    version: i64,
+    ttl: Duration,
+) -> Result<i64, crate::worker::redis::RedisError> {
+    state
+        .redis
+        .script(
+            &state.tokens.raise,
+            vec![version_key(&state.redis, user)],
+            vec![version.to_string(), ttl.as_millis().max(1).to_string()],
+        )
+        .await
+}
+
+/// How often a revocation that could not reach Redis is tried again.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(1);
+
 /// Makes every worker refuse access tokens of `user` older than `version` (`None`: the user is
 /// deleted, refuse all). Kept for one access-token lifetime, after which those tokens have
-/// expired anyway.
+/// expired anyway (a key that is gone before then is filled again from PostgreSQL, see
+/// [`Bearer::check`]). When Redis cannot take it, it is retried in the background every
+/// second for that lifetime, and until it lands this worker checks every token against
+/// PostgreSQL.
 pub async fn publish_version(state: &AppState, user: Uuid, version: Option<i32>) {
     let value = version.map_or(DELETED, i64::from);
     let ttl = state.tokens.access_ttl + Duration::from_secs(60);
-    if let Err(error) = state
-        .redis
-        .set_i64(&version_key(&state.redis, user), value, ttl)
-        .await
-    {
-        tracing::warn!(%error, %user, "could not publish token revocation to Redis");
-    }
+    let Err(error) = raise_version(state, user, value, ttl).await else {
+        return;
+    };
+    tracing::warn!(%error, %user, "token revocation not published to Redis yet; retrying");
+    metrics::counter!("token_revocations_unpublished_total").increment(1);
+    let unpublished = Arc::clone(&state.tokens.unpublished);
+    unpublished.fetch_add(1, Ordering::AcqRel);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + ttl;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(REPUBLISH_EVERY).await;
+            if raise_version(&state, user, value, ttl).await.is_ok() {
+                tracing::info!(%user, "token revocation published to Redis");
+                break;
+            }
+        }
+        unpublished.fetch_sub(1, Ordering::AcqRel);
+    });
 }
 
 /// The authenticated caller.
@@ -260,7 +328,7 @@ pub struct Bearer {
 }
 
 impl Bearer {
-    /// Who the token says the caller is. Not proof until [`Bearer::accept`] or
+    /// Who the token says the caller is. Not proof until [`Bearer::check`] or
     /// [`Bearer::verify`] has passed: use it only to decide what to look up, never to answer.
     pub fn claimed(&self) -> AuthUser {
         AuthUser {
@@ -275,38 +343,70 @@ impl Bearer {
         version_key(redis, self.claims.sub)
     }
 
-    /// The caller, if `published` (the value under [`Bearer::version_key`], `None` when
-    /// nothing is published) does not revoke this token.
-    pub fn accept(&self, published: Option<i64>) -> Result<AuthUser, ApiError> {
-        if published.is_some_and(|v| v != i64::from(self.claims.ver)) {
+    /// The caller, if `published` (the value read under [`Bearer::version_key`]) does not
+    /// revoke this token. Nothing published is not a pass: the version is then read from
+    /// PostgreSQL and cached for the next request. So is everything while this worker has a
+    /// revocation it could not publish.
+    pub async fn check(
+        &self,
+        state: &AppState,
+        published: Option<i64>,
+    ) -> Result<AuthUser, ApiError> {
+        match published {
+            Some(version) if !state.tokens.publishing() => self.accept(version),
+            _ => self.accept(self.fill(state).await?),
+        }
+    }
+
+    fn accept(&self, published: i64) -> Result<AuthUser, ApiError> {
+        if published != i64::from(self.claims.ver) {
             return Err(ApiError::Unauthorized("the access token has been revoked"));
         }
         Ok(self.claimed())
     }
 
+    /// The caller's version from PostgreSQL ([`DELETED`] for a user that no longer exists),
+    /// written to Redis unless it holds a later one. Redis failing here costs nothing: the
+    /// answer came from the source of truth.
+    async fn fill(&self, state: &AppState) -> Result<i64, ApiError> {
+        let user = self.claims.sub;
+        let version = store::users::token_version(&state.db, user)
+            .await?
+            .map_or(DELETED, i64::from);
+        if !state.redis.is_open() {
+            let ttl = state.tokens.access_ttl + Duration::from_secs(60);
+            if let Err(error) = raise_version(state, user, version, ttl).await {
+                tracing::debug!(%error, "token version not cached in Redis");
+            }
+        }
+        Ok(version)
+    }
+
     /// `error`, unless the token has been revoked: then the 401. For requests refused before
     /// the revocation check would have travelled with the cache lookup.
-    pub async fn refuse(&self, redis: &Redis, db: &PgPool, error: ApiError) -> ApiError {
-        match self.verify(redis, db).await {
+    pub async fn refuse(&self, state: &AppState, error: ApiError) -> ApiError {
+        match self.verify(state).await {
             Ok(_) => error,
             Err(revoked) => revoked,
         }
     }
 
-    /// Checks the revocation on its own: one Redis GET, or PostgreSQL when Redis cannot answer.
-    pub async fn verify(&self, redis: &Redis, db: &PgPool) -> Result<AuthUser, ApiError> {
-        let published = match redis.get_i64(&self.version_key(redis)).await {
-            Ok(published) => published,
+    /// Checks the revocation on its own: one Redis GET, or PostgreSQL when Redis cannot answer
+    /// or holds nothing for this user.
+    pub async fn verify(&self, state: &AppState) -> Result<AuthUser, ApiError> {
+        if state.tokens.publishing() {
+            return self.check(state, None).await;
+        }
+        match state.redis.get_i64(&self.version_key(&state.redis)).await {
+            Ok(published) => self.check(state, published).await,
             Err(error) => {
                 tracing::debug!(%error, "token version check falls back to PostgreSQL");
-                Some(
-                    store::users::token_version(db, self.claims.sub)
-                        .await?
-                        .map_or(DELETED, i64::from),
-                )
+                let version = store::users::token_version(&state.db, self.claims.sub)
+                    .await?
+                    .map_or(DELETED, i64::from);
+                self.accept(version)
             }
-        };
-        self.accept(published)
+        }
     }
 }
 
@@ -350,7 +450,7 @@ impl FromRequestParts<AppState> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         Bearer::from_request_parts(parts, state)
             .await?
-            .verify(&state.redis, &state.db)
+            .verify(state)
             .await
     }
 }

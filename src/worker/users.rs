@@ -11,6 +11,7 @@ use super::{
     extract::{Json, PathId, Query, non_null},
     listing::{Listing, PageRequest, search_words},
     model::{Role, Tier, check_name, check_password, normalize_email},
+    ratelimit::LoginGuard,
     store::{
         self,
         users::{User, UserChanges},
@@ -156,9 +157,13 @@ async fn update_me(
                 "is required to change the password",
             )),
             Some(current) => {
+                let guard = LoginGuard::for_user(&state, me.id);
+                guard.reserve(&state).await?;
                 let credentials = store::users::credentials(&state.db, me.id).await?;
                 let hash = credentials.as_ref().map(|c| c.password_hash.as_str());
-                if !state.passwords.verify(current, hash).await? {
+                if state.passwords.verify(current, hash).await? {
+                    guard.succeeded(&state).await;
+                } else {
                     errors.push(FieldError::new("currentPassword", "is incorrect"));
                 }
             }

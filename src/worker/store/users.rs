@@ -96,7 +96,13 @@ pub async fn credentials_by_email(
     .await?)
 }
 
-pub async fn credentials(db: &PgPool, id: Uuid) -> Result<Option<Credentials>, ApiError> {
+/// Takes any executor so that a caller inside a transaction reads on that transaction's
+/// connection: holding one pooled connection while waiting for a second deadlocks a small pool
+/// under concurrent requests.
+pub async fn credentials(
+    db: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<Credentials>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS}, password_hash, token_version FROM users WHERE id = $1"
     ))
