@@ -36,3 +36,14 @@ pub fn init(config: &TelemetryConfig) {
     // Already installed (a test harness or an earlier call): keep it.
     drop(result);
 }
+
+/// Whether a client-chosen `X-Request-Id` is kept (by the proxy and the worker alike): 1 to 128
+/// bytes of letters, digits and `-_.:`, enough for UUIDs, hex and base64url ids, and nothing
+/// that could forge a log line or inject markup where the id is shown. Anything else is
+/// replaced by a generated id.
+pub fn is_safe_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}

@@ -1993,3 +1993,32 @@ async fn binary_on_a_busy_port_fails_naming_the_address() {
     );
     drop(busy);
 }
+
+/// SPEC §8: the public listener answers `/metrics` itself with a 404 problem; the upstream
+/// never sees the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_listener_does_not_serve_worker_metrics() {
+    let upstream = TestUpstream::start("a").await;
+    let proxy = TestProxy::start(config(&[&upstream.url])).await;
+    let client = client();
+    let response = client.get(proxy.url("/metrics")).send().await.unwrap();
+    let body = assert_problem(response, 404).await;
+    assert!(body["detail"].as_str().unwrap().contains("admin listener"));
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(proxy.get(&client, "/echo").await.status(), 200);
+    assert_eq!(upstream.hits(), 1);
+}
+
+/// `proxy.max_idle_per_upstream = 0` keeps no connection: every request still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_idle_pool_still_serves() {
+    let upstream = TestUpstream::start("a").await;
+    let mut config = config(&[&upstream.url]);
+    config.max_idle_per_upstream = 0;
+    let proxy = TestProxy::start(config).await;
+    let client = client();
+    for _ in 0..20 {
+        assert_eq!(proxy.get(&client, "/echo").await.status(), 200);
+    }
+    assert_eq!(upstream.hits(), 20);
+}

@@ -26,6 +26,9 @@ pub enum ProxyError {
     /// The upstream did not send response headers within `proxy.response_timeout`.
     #[error("the upstream did not answer in time")]
     Timeout,
+    /// A path the public listener does not forward (the workers' `/metrics`, SPEC §8).
+    #[error("not served on the public listener")]
+    NotFound,
 }
 
 impl ProxyError {
@@ -36,6 +39,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -45,6 +49,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => "bad-gateway",
             ProxyError::NoUpstream(_) => "no-upstream",
             ProxyError::Timeout => "gateway-timeout",
+            ProxyError::NotFound => "not-found",
         }
     }
 
@@ -63,6 +68,9 @@ impl ProxyError {
                 "no upstream server is available; try again shortly".to_owned()
             }
             ProxyError::Timeout => "the upstream server did not answer in time".to_owned(),
+            ProxyError::NotFound => {
+                "metrics are not served here; scrape the proxy's admin listener".to_owned()
+            }
         };
         let request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default();
         let body = serde_json::json!({

@@ -73,16 +73,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| hop_by_hop().contains(&name)) {
         return;
     }
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Every `Connection` line counts: `Connection: close` then `Connection: x-secret` names
+    // both.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|line| line.to_str().unwrap_or_default().split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     for name in hop_by_hop() {
         if headers.contains_key(name) {
@@ -138,10 +138,15 @@ pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> He
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
-    headers
-        .entry(&X_REQUEST_ID)
-        .or_insert_with(new_request_id)
-        .clone()
+    match headers.get(&X_REQUEST_ID) {
+        Some(id) if crate::telemetry::is_safe_request_id(id.as_bytes()) => id.clone(),
+        // Absent, or not something to put in every log line: a new one replaces it.
+        _ => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    }
 }
 
 /// A new request id: 32 hex digits, a random per-thread prefix and a per-thread counter. Unique
@@ -205,7 +210,13 @@ pub async fn handle(
     let swept = (req.version() != Version::HTTP_2).then_some(watch);
     let (mut parts, body) = req.into_parts();
     let request_id = forwarding_headers(&mut parts.headers, &parts.uri, peer);
-    let response = match forward(&shared, parts, body, swept).await {
+    // The workers' metrics are for the operator (the admin listener), not the internet.
+    let forwarded = if parts.uri.path() == "/metrics" {
+        Err(ProxyError::NotFound)
+    } else {
+        forward(&shared, parts, body, swept).await
+    };
+    let response = match forwarded {
         Ok(response) => response,
         Err(error) => {
             shared.metrics.local.record(error.status().as_u16());
@@ -516,6 +527,46 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
         }
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn every_connection_line_names_headers_to_remove() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "close"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+        ]);
+        forwarding_headers(
+            &mut h,
+            &uri(),
+            &Peer::new("127.0.0.1".parse().unwrap(), false),
+        );
+        assert!(
+            !h.contains_key("x-secret"),
+            "named by the second line, still forwarded"
+        );
+    }
+
+    #[test]
+    fn client_request_ids_are_kept_only_when_short_and_plain() {
+        let peer = Peer::new("127.0.0.1".parse().unwrap(), false);
+        for (sent, kept) in [
+            ("0192f0c4-7b1e-7c3a-9d2e-5f6a7b8c9d0e", true),
+            ("req_ABC.123:x", true),
+            ("has space", false),
+            ("<script>alert(1)</script>", false),
+            ("a\"quote", false),
+            (&"x".repeat(129), false),
+        ] {
+            let mut h = headers(&[("host", "a"), ("x-request-id", sent)]);
+            let id = forwarding_headers(&mut h, &uri(), &peer);
+            assert_eq!(id == sent, kept, "{sent:?}");
+            assert_eq!(h["x-request-id"], id);
+            if !kept {
+                assert_eq!(id.len(), 32, "a generated id replaces {sent:?}");
+            }
+        }
     }
 
     #[test]

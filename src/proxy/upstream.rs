@@ -279,7 +279,8 @@ impl Upstream {
 
     /// Returns a connection whose last response has been read completely.
     pub fn checkin(&self, sender: SendRequest<UpstreamBody>, max_idle: usize) {
-        if sender.is_closed() || self.removed.is_cancelled() {
+        // `max_idle_per_upstream = 0`: no connection is kept, every request opens its own.
+        if max_idle == 0 || sender.is_closed() || self.removed.is_cancelled() {
             return;
         }
         let slot = POOL_SLOT.with(|s| s.get()) % self.idle.len();

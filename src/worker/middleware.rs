@@ -68,7 +68,7 @@ fn request_id(headers: &HeaderMap) -> Arc<str> {
     headers
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| crate::telemetry::is_safe_request_id(v.as_bytes()))
         .map(Arc::from)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string().into())
 }
