@@ -365,8 +365,19 @@ pub struct ProxyConfig {
     /// be retried (idempotent methods and POSTs with `Idempotency-Key`); larger bodies are
     /// streamed and only retried when they never left the proxy. Default 1MiB.
     pub retry_body_limit: ByteSize,
-    /// Idle upstream connections kept per upstream and thread. Default 256.
+    /// Idle upstream connections kept per upstream and thread; 0 keeps none. Default 256.
     pub max_idle_per_upstream: usize,
+    /// Longest wait between two reads of a request body, buffered or streamed; then 408 (or,
+    /// once the upstream answered, the connection is closed). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Longest a response may make no progress towards a client (a reader that stopped, a zero
+    /// HTTP/2 window); then the client connection is closed and the upstream freed. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Most client connections open at once, all serving threads together; past it new ones
+    /// wait in the kernel backlog. Default 10000.
+    pub max_connections: usize,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced (CIDRs). Default none.
     pub trusted_proxies: Vec<IpNet>,
     /// How long in-flight requests may run after SIGTERM before the proxy exits anyway.
@@ -392,6 +403,9 @@ impl Default for ProxyConfig {
             retries: 2,
             retry_body_limit: ByteSize::mib(1),
             max_idle_per_upstream: 256,
+            body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
             trusted_proxies: Vec::new(),
             shutdown_timeout: Duration::from_secs(10),
             health: HealthCheckConfig::default(),
@@ -742,6 +756,9 @@ impl Config {
                 "proxy.response_timeout",
             ),
             (!self.proxy.idle_timeout.is_zero(), "proxy.idle_timeout"),
+            (!self.proxy.body_timeout.is_zero(), "proxy.body_timeout"),
+            (!self.proxy.write_timeout.is_zero(), "proxy.write_timeout"),
+            (self.proxy.max_connections >= 1, "proxy.max_connections"),
             (self.proxy.retries <= 16, "proxy.retries"),
             (self.proxy.health.path.starts_with('/'), "proxy.health.path"),
             (

@@ -2022,3 +2022,104 @@ async fn no_idle_pool_still_serves() {
     }
     assert_eq!(upstream.hits(), 20);
 }
+
+/// Reads a raw HTTP/1 connection until the peer closes it or `most` passes; what was read.
+async fn read_until_closed(stream: &mut TcpStream, most: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(most, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok()
+        .map(|()| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// `proxy.body_timeout`: a body held for retries (a PUT) that stops one byte short gets 408 and
+/// the connection ends; so does a streamed upload (a POST), and neither reaches the upstream
+/// as a request that hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_bodies_end_at_the_body_timeout() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    config.body_timeout = Duration::from_millis(800);
+    let proxy = TestProxy::start(config).await;
+    for (method, len) in [("PUT", 1000), ("POST", 4 * MIB as usize)] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("{method} /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b'x'; 999]).await.unwrap();
+        let started = Instant::now();
+        let answer = read_until_closed(&mut stream, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("{method}: the stalled upload still holds the proxy"));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(700),
+            "{method}: cut after {took:?}"
+        );
+        assert!(answer.starts_with("HTTP/1.1 408"), "{method}: {answer:?}");
+    }
+    eventually("no request left in flight", || {
+        proxy.upstream(&up.url).in_flight == 0
+    })
+    .await;
+}
+
+/// `proxy.max_connections`: past it new connections wait (in the kernel's backlog), and are
+/// served as soon as a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_a_slot() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    config.max_connections = 2;
+    config.threads = 1;
+    let proxy = TestProxy::start(config).await;
+    let first = TcpStream::connect(proxy.addr).await.unwrap();
+    let _second = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let refused = client.get(proxy.url("/echo")).send().await;
+    assert!(
+        refused.is_err(),
+        "a third connection was served: {refused:?}"
+    );
+    drop(first);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let served = within("a freed slot", client.get(proxy.url("/echo")).send()).await;
+    assert_eq!(served.unwrap().status(), 200);
+}
+
+/// `proxy.write_timeout`: a client that asks for a large download and stops reading is cut
+/// off, and the upstream request it held is freed, so that a drain can end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_at_the_write_timeout() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    config.write_timeout = Duration::from_secs(1);
+    let proxy = TestProxy::start(config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("GET /download/{} HTTP/1.1\r\nhost: x\r\n\r\n", 256 * MIB);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    eventually("the download starts", || {
+        proxy.upstream(&up.url).in_flight == 1
+    })
+    .await;
+    // Never read: socket buffers fill, the proxy can write no more.
+    let started = Instant::now();
+    eventually("the stalled download is freed", || {
+        proxy.upstream(&up.url).in_flight == 0
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(proxy.proxy.drain_upstream(&up.url).await);
+}

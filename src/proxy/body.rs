@@ -7,6 +7,7 @@
 //! small problem+json answer.
 
 use std::{
+    future::Future,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -18,21 +19,32 @@ use hyper::{
     client::conn::http1::SendRequest,
 };
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use tokio::time::{Instant, Sleep};
+
+/// What a request body's poll can fail with: the client's connection, or `proxy.body_timeout`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 use super::upstream::{InFlight, now_ms};
 
 /// When a streamed request body last moved (`now_ms()`): the response timeout counts from
-/// there, so that it measures the upstream, not the client's upload speed.
-pub struct Progress(AtomicU64);
+/// there, so that it measures the upstream, not the client's upload speed. Also whether it
+/// has been sent to its end: until then its upstream connection cannot carry another request.
+pub struct Progress(AtomicU64, AtomicBool);
 
 impl Progress {
     pub fn new() -> Self {
-        Self(AtomicU64::new(now_ms()))
+        Self(AtomicU64::new(now_ms()), AtomicBool::new(false))
     }
 
     pub fn touch(&self) {
         self.0.store(now_ms(), Relaxed);
+    }
+
+    /// Whether the whole body has been read from the client (and handed to the upstream).
+    pub fn finished(&self) -> bool {
+        self.1.load(Relaxed)
     }
 
     pub fn quiet_for(&self) -> std::time::Duration {
@@ -48,13 +60,38 @@ impl Default for Progress {
 
 /// A request body on its way to an upstream.
 pub enum UpstreamBody {
-    /// The client's body, streamed.
-    Streamed(Incoming, std::sync::Arc<Progress>),
+    /// The client's body, streamed; a wait of `proxy.body_timeout` for its next bytes ends it
+    /// with an error (the upstream request is then abandoned and its connection closed).
+    Streamed(Box<Streamed>),
     /// A body held in memory (empty bodies, and bodies kept for a retry).
     Buffered(Full<Bytes>),
 }
 
+/// See [`UpstreamBody::Streamed`].
+pub struct Streamed {
+    body: Incoming,
+    progress: std::sync::Arc<Progress>,
+    limit: std::time::Duration,
+    /// Armed while waiting for the client; pushed back after every frame.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Streamed {
+    pub fn progress(&self) -> &std::sync::Arc<Progress> {
+        &self.progress
+    }
+}
+
 impl UpstreamBody {
+    pub fn streamed(body: Incoming, limit: std::time::Duration) -> Self {
+        Self::Streamed(Box::new(Streamed {
+            body,
+            progress: std::sync::Arc::new(Progress::new()),
+            limit,
+            timer: None,
+        }))
+    }
+
     pub fn empty() -> Self {
         Self::buffered(Bytes::new())
     }
@@ -66,32 +103,55 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Streamed(body, progress) => {
-                let frame = ready!(Pin::new(body).poll_frame(cx));
-                progress.touch();
-                Poll::Ready(frame)
+            Self::Streamed(streamed) => {
+                let Streamed {
+                    body,
+                    progress,
+                    limit,
+                    timer,
+                } = &mut **streamed;
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        progress.touch();
+                        if frame.is_none() || body.is_end_stream() {
+                            progress.1.store(true, Relaxed);
+                        }
+                        if let Some(timer) = timer {
+                            timer.as_mut().reset(Instant::now() + *limit);
+                        }
+                        Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+                    }
+                    Poll::Pending => {
+                        let timer =
+                            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(*limit)));
+                        ready!(timer.as_mut().poll(cx));
+                        Poll::Ready(Some(Err(
+                            "no request body bytes within proxy.body_timeout".into()
+                        )))
+                    }
+                }
             }
-            Self::Buffered(full) => poll_full(full, cx),
+            Self::Buffered(full) => poll_full(full, cx).map(|f| f.map(|f| f.map_err(Into::into))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Streamed(body, _) => body.is_end_stream(),
+            Self::Streamed(streamed) => streamed.body.is_end_stream(),
             Self::Buffered(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Streamed(body, _) => body.size_hint(),
+            Self::Streamed(streamed) => streamed.body.size_hint(),
             Self::Buffered(full) => full.size_hint(),
         }
     }
@@ -111,6 +171,9 @@ fn poll_full(
 pub struct PooledConn {
     pub sender: SendRequest<UpstreamBody>,
     pub max_idle: usize,
+    /// The request's streamed body, if it had one: an upstream may answer before it has read
+    /// the whole body, and the connection is reusable only once both directions are done.
+    pub request: Option<std::sync::Arc<Progress>>,
 }
 
 /// A response body on its way to the client.
@@ -136,6 +199,10 @@ impl ClientBody {
     fn finish(conn: &mut Option<PooledConn>, in_flight: &mut Option<InFlight>, complete: bool) {
         if let (Some(conn), Some(flight)) = (conn.take(), in_flight.as_ref())
             && complete
+            && conn
+                .request
+                .as_ref()
+                .is_none_or(|request| request.finished())
         {
             flight.upstream().checkin(conn.sender, conn.max_idle);
         }

@@ -26,6 +26,9 @@ pub enum ProxyError {
     /// The upstream did not send response headers within `proxy.response_timeout`.
     #[error("the upstream did not answer in time")]
     Timeout,
+    /// The client stopped sending its request body for `proxy.body_timeout`.
+    #[error("the request body stalled")]
+    BodyTimeout,
     /// A path the public listener does not forward (the workers' `/metrics`, SPEC §8).
     #[error("not served on the public listener")]
     NotFound,
@@ -40,6 +43,7 @@ impl ProxyError {
             ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -50,6 +54,7 @@ impl ProxyError {
             ProxyError::NoUpstream(_) => "no-upstream",
             ProxyError::Timeout => "gateway-timeout",
             ProxyError::NotFound => "not-found",
+            ProxyError::BodyTimeout => "request-timeout",
         }
     }
 
@@ -68,6 +73,9 @@ impl ProxyError {
                 "no upstream server is available; try again shortly".to_owned()
             }
             ProxyError::Timeout => "the upstream server did not answer in time".to_owned(),
+            ProxyError::BodyTimeout => {
+                "the request body stopped arriving; send it without pauses".to_owned()
+            }
             ProxyError::NotFound => {
                 "metrics are not served here; scrape the proxy's admin listener".to_owned()
             }

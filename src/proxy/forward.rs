@@ -193,6 +193,8 @@ enum TryError {
     Sent(String),
     /// No response headers within `response_timeout`.
     Timeout,
+    /// The client's streamed body stalled for `body_timeout`.
+    BodyTimeout,
 }
 
 /// Handles one client request arriving on the connection `watch` watches; never fails (errors
@@ -264,24 +266,26 @@ async fn forward(
 
     let resendable = may_resend(&parts.method, &parts.headers);
     // A copy of the body, when a retry after sending may need it.
-    let (replay, first_body) = if body.is_end_stream() {
-        (Some(Bytes::new()), UpstreamBody::empty())
+    let (replay, first_body, _reserved) = if body.is_end_stream() {
+        (Some(Bytes::new()), UpstreamBody::empty(), None)
     } else if resendable
         && body
             .size_hint()
             .upper()
             .is_some_and(|len| len <= config.retry_body_limit.as_u64())
+        && let Some(reserved) = shared.reserve_buffer(body.size_hint().upper().unwrap_or(0))
     {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::ClientBody(e.to_string()))?
-            .to_bytes();
-        (Some(bytes.clone()), UpstreamBody::buffered(bytes))
+        let bytes = collect_within(body, config.body_timeout).await?;
+        (
+            Some(bytes.clone()),
+            UpstreamBody::buffered(bytes),
+            Some(reserved),
+        )
     } else {
         (
             None,
-            UpstreamBody::Streamed(body, Arc::new(Progress::new())),
+            UpstreamBody::streamed(body, config.body_timeout),
+            None,
         )
     };
     let kept_parts = (resendable && replay.is_some()).then(|| parts.clone());
@@ -323,6 +327,7 @@ async fn forward(
                     _ => return Err(ProxyError::Upstream(reason)),
                 }
             }
+            Err(TryError::BodyTimeout) => return Err(ProxyError::BodyTimeout),
             Err(TryError::Timeout) => {
                 shared.record_failure(upstream, "response timeout");
                 return Err(ProxyError::Timeout);
@@ -355,9 +360,9 @@ async fn try_upstream(
             .insert(header::HOST, upstream.host_header.clone());
     }
     let progress = match request.body() {
-        UpstreamBody::Streamed(_, progress) => {
-            progress.touch();
-            Some(progress.clone())
+        UpstreamBody::Streamed(streamed) => {
+            streamed.progress().touch();
+            Some(streamed.progress().clone())
         }
         UpstreamBody::Buffered(_) => None,
     };
@@ -369,10 +374,12 @@ async fn try_upstream(
                 Err(error) => return Err(TryError::NotSent(request, error.to_string())),
             },
         };
-        // A pooled connection the upstream closed meanwhile is skipped: not its fault.
-        if sender.ready().await.is_err() {
+        // A pooled connection the upstream closed meanwhile is skipped: not its fault. The
+        // wait is timed: a connection still busy with something else must not hold us.
+        let ready = tokio::time::timeout(config.connect_timeout, sender.ready()).await;
+        if !matches!(ready, Ok(Ok(()))) {
             if fresh {
-                return Err(TryError::NotSent(request, "connection closed".into()));
+                return Err(TryError::NotSent(request, "connection not ready".into()));
             }
             continue;
         }
@@ -391,6 +398,13 @@ async fn try_upstream(
                 Some(back) => {
                     return Err(TryError::NotSent(back, error.into_error().to_string()));
                 }
+                // The client stalled its upload, not the upstream's fault.
+                None if progress
+                    .as_ref()
+                    .is_some_and(|p| !p.finished() && p.quiet_for() >= config.body_timeout) =>
+                {
+                    return Err(TryError::BodyTimeout);
+                }
                 None => return Err(TryError::Sent(error.into_error().to_string())),
             },
             Some(Ok(response)) => {
@@ -404,10 +418,32 @@ async fn try_upstream(
                         conn: Some(PooledConn {
                             sender,
                             max_idle: config.max_idle_per_upstream,
+                            request: progress.clone(),
                         }),
                         in_flight: Some(flight),
                     },
                 ));
+            }
+        }
+    }
+}
+
+/// The whole request body, waiting at most `limit` for each next piece of it: a client that
+/// sends its headers and then stalls gets 408 instead of holding a task and a buffer.
+async fn collect_within(
+    mut body: Incoming,
+    limit: std::time::Duration,
+) -> Result<Bytes, ProxyError> {
+    let mut bytes = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(limit, body.frame()).await {
+            Err(_) => return Err(ProxyError::BodyTimeout),
+            Ok(None) => return Ok(bytes.freeze()),
+            Ok(Some(Err(error))) => return Err(ProxyError::ClientBody(error.to_string())),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
             }
         }
     }

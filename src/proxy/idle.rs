@@ -43,6 +43,15 @@ pub struct Watch {
     waiting: AtomicBool,
     waiting_sweeps: AtomicU32,
     timed_out: AtomicBool,
+    /// Response bodies being sent; whether the last poll of one is waiting for its upstream
+    /// (then a slow response is the upstream's doing, not the client's); sweeps in a row
+    /// without a poll while hyper holds bytes it could not write; and the sweeper's verdict
+    /// that the client stopped reading for `write_timeout` (the connection is then dropped,
+    /// busy or not).
+    responding: AtomicU32,
+    pulling: AtomicBool,
+    stalled_sweeps: AtomicU32,
+    stalled: AtomicBool,
     /// The connection's task, to wake when `close` is set (a task's waker never changes).
     task: OnceLock<Waker>,
 }
@@ -133,6 +142,9 @@ impl Future for Closed<'_> {
         if watch.task.get().is_none() {
             let _ = watch.task.set(cx.waker().clone());
         }
+        if watch.stalled.load(Relaxed) {
+            return Poll::Ready(());
+        }
         if watch.close.load(Relaxed) {
             if watch.busy.load(Relaxed) == 0 {
                 return Poll::Ready(());
@@ -145,10 +157,26 @@ impl Future for Closed<'_> {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done.
+/// A response body that keeps its request counted as in flight until it is done, and whose
+/// polls tell the sweeper that the client is taking the response (`write_timeout`).
 pub struct BusyBody<B> {
-    pub body: B,
-    pub busy: Busy,
+    body: B,
+    busy: Busy,
+}
+
+impl<B> BusyBody<B> {
+    pub fn new(body: B, busy: Busy) -> Self {
+        let watch = busy.watch();
+        watch.stalled_sweeps.store(0, Relaxed);
+        watch.responding.fetch_add(1, Relaxed);
+        Self { body, busy }
+    }
+}
+
+impl<B> Drop for BusyBody<B> {
+    fn drop(&mut self) {
+        self.busy.watch().responding.fetch_sub(1, Relaxed);
+    }
 }
 
 impl<B: Body + Unpin> Body for BusyBody<B> {
@@ -159,7 +187,13 @@ impl<B: Body + Unpin> Body for BusyBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        // hyper polls for more only when it has room to write: a poll is progress.
+        let watch = this.busy.watch();
+        watch.stalled_sweeps.store(0, Relaxed);
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        watch.pulling.store(frame.is_pending(), Relaxed);
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -178,12 +212,18 @@ pub struct Sweeper {
     idle_limit: u32,
     /// Sweeps after which a request has waited for at least `response_timeout`.
     response_limit: u32,
+    /// Sweeps after which a response has made no progress for at least `write_timeout`.
+    write_limit: u32,
     period: Duration,
 }
 
 impl Sweeper {
-    pub fn new(idle_timeout: Duration, response_timeout: Duration) -> Self {
-        let period = (idle_timeout.min(response_timeout) / 10)
+    pub fn new(
+        idle_timeout: Duration,
+        response_timeout: Duration,
+        write_timeout: Duration,
+    ) -> Self {
+        let period = (idle_timeout.min(response_timeout).min(write_timeout) / 10)
             .clamp(Duration::from_millis(1), Duration::from_secs(1));
         // The first sweep comes up to one period after the count started, so one more than the
         // timeout's worth: the timeout passes in full, and at most two periods more.
@@ -195,6 +235,7 @@ impl Sweeper {
             watches: Vec::new(),
             idle_limit: limit(idle_timeout),
             response_limit: limit(response_timeout),
+            write_limit: limit(write_timeout),
             period,
         }
     }
@@ -213,13 +254,20 @@ impl Sweeper {
     /// Counts the sweeps of idle connections and waiting requests, ends those past their
     /// timeout, and forgets the connections that have ended.
     pub fn sweep(&mut self) {
-        let (idle_limit, response_limit) = (self.idle_limit, self.response_limit);
+        let (idle_limit, response_limit, write_limit) =
+            (self.idle_limit, self.response_limit, self.write_limit);
         self.watches.retain(|watch| {
             if Arc::strong_count(watch) == 1 {
                 return false;
             }
             if watch.waiting.load(Relaxed) && !watch.timed_out.load(Relaxed) {
                 watch.count(&watch.waiting_sweeps, response_limit, &watch.timed_out);
+            }
+            if watch.responding.load(Relaxed) > 0
+                && !watch.pulling.load(Relaxed)
+                && !watch.stalled.load(Relaxed)
+            {
+                watch.count(&watch.stalled_sweeps, write_limit, &watch.stalled);
             }
             if watch.busy.load(Relaxed) == 0 && !watch.close.load(Relaxed) {
                 watch.count(&watch.idle_sweeps, idle_limit, &watch.close);
@@ -239,7 +287,11 @@ mod tests {
 
     #[test]
     fn idle_connection_is_closed_after_the_timeout_and_not_before() {
-        let mut sweeper = Sweeper::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut sweeper = Sweeper::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
         assert_eq!(sweeper.period(), Duration::from_millis(50));
         let watch = sweeper.watch();
         // 500 ms of sweeps after the one that may come right after it fell idle.
@@ -253,7 +305,11 @@ mod tests {
 
     #[test]
     fn requests_in_flight_and_just_finished_keep_the_connection_open() {
-        let mut sweeper = Sweeper::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut sweeper = Sweeper::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
         let watch = sweeper.watch();
         for _ in 0..9 {
             sweeper.sweep();
@@ -278,7 +334,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_arriving_after_the_sweep_keeps_the_connection() {
-        let mut sweeper = Sweeper::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut sweeper = Sweeper::new(
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
         let watch = sweeper.watch();
         let mut closed = tokio_test::task::spawn(watch.closed());
         assert!(closed.poll().is_pending());
@@ -305,7 +365,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_wait_ends_after_the_response_timeout_and_not_before() {
-        let mut sweeper = Sweeper::new(Duration::from_secs(60), Duration::from_millis(300));
+        let mut sweeper = Sweeper::new(
+            Duration::from_secs(60),
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+        );
         assert_eq!(sweeper.period(), Duration::from_millis(30));
         let watch = sweeper.watch();
         let _busy = watch.begin();
@@ -335,7 +399,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_within_the_timeout_is_awaited() {
-        let mut sweeper = Sweeper::new(Duration::from_secs(60), Duration::from_millis(300));
+        let mut sweeper = Sweeper::new(
+            Duration::from_secs(60),
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+        );
         let watch = sweeper.watch();
         let (send, headers) = tokio::sync::oneshot::channel::<u16>();
         let mut wait = tokio_test::task::spawn(watch.within_response_timeout(headers));
@@ -350,7 +418,11 @@ mod tests {
 
     #[test]
     fn ended_connections_are_forgotten() {
-        let mut sweeper = Sweeper::new(Duration::from_secs(60), Duration::from_secs(60));
+        let mut sweeper = Sweeper::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
         assert_eq!(sweeper.period(), Duration::from_secs(1));
         let kept = sweeper.watch();
         drop(sweeper.watch());

@@ -32,7 +32,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -74,9 +74,48 @@ pub struct Shared {
     threads: usize,
     /// Where health checkers run (the runtime that created the proxy).
     runtime: tokio::runtime::Handle,
+    /// One permit per open client connection (`proxy.max_connections`), all threads together.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Request-body bytes held in memory for retries right now, all requests together.
+    buffered: Arc<AtomicU64>,
+}
+
+/// Most request-body bytes the proxy holds for retries at once: this many times
+/// `proxy.retry_body_limit` (64 MiB by default). Past it, bodies are streamed and a request
+/// that reached an upstream is not retried.
+const BUFFERED_BODIES: u64 = 64;
+
+/// Bytes of [`Shared::buffered`] taken by one request, given back when it is dropped.
+pub struct BufferReservation {
+    bytes: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl Drop for BufferReservation {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Relaxed);
+    }
 }
 
 impl Shared {
+    /// Takes `bytes` of the proxy-wide retry buffer, or `None` when that would go past it.
+    fn reserve_buffer(&self, bytes: u64) -> Option<BufferReservation> {
+        let cap = self
+            .config
+            .retry_body_limit
+            .as_u64()
+            .saturating_mul(BUFFERED_BODIES);
+        self.buffered
+            .fetch_update(Relaxed, Relaxed, |held| {
+                held.checked_add(bytes).filter(|total| *total <= cap)
+            })
+            .ok()?;
+        Some(BufferReservation {
+            bytes,
+            total: self.buffered.clone(),
+        })
+    }
+
     /// The next upstream to try: round-robin or least-connections over the available ones not
     /// tried yet; when none is available, any not draining (SPEC: still try before a 503).
     fn pick(&self, upstreams: &[Arc<Upstream>], tried: &[usize]) -> Option<usize> {
@@ -169,6 +208,9 @@ impl Proxy {
             n => n,
         };
         let upstreams = config.upstreams.clone();
+        let config_max_connections = config
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         let proxy = Self {
             shared: Arc::new(Shared {
                 config,
@@ -180,6 +222,8 @@ impl Proxy {
                 threads,
                 runtime: tokio::runtime::Handle::try_current()
                     .context("the proxy needs a tokio runtime")?,
+                connections: Arc::new(tokio::sync::Semaphore::new(config_max_connections)),
+                buffered: Arc::default(),
             }),
         };
         for url in upstreams {
@@ -257,7 +301,7 @@ impl Proxy {
     }
 
     /// Stops sending new requests to an upstream and waits until the ones in flight have
-    /// finished (response bodies included). False when unknown. The upstream stays listed as
+    /// finished (response bodies included), for at most `proxy.shutdown_timeout`. False when unknown. The upstream stays listed as
     /// `draining` until it is removed.
     pub async fn drain_upstream(&self, url: &str) -> bool {
         let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
@@ -273,7 +317,18 @@ impl Proxy {
         };
         upstream.set_draining();
         tracing::info!(upstream = %url, in_flight = upstream.in_flight(), "upstream draining");
-        upstream.drained().await;
+        // Bounded whatever clients do: a reader that stopped cannot hold a rolling restart.
+        let grace = self.shared.config.shutdown_timeout;
+        if tokio::time::timeout(grace, upstream.drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                upstream = %url,
+                in_flight = upstream.in_flight(),
+                "requests still in flight after the shutdown timeout; draining anyway"
+            );
+        }
         upstream.prune_idle(Duration::ZERO);
         true
     }
@@ -402,14 +457,33 @@ async fn accept_loop(
     // (waiting for a request or for the rest of its headers) without a timer per request.
     builder
         .http2()
+        // Each stream may hold an upstream request and a body buffer: fewer than hyper's 200.
+        .max_concurrent_streams(64)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(shared.config.idle_timeout / 2));
     let graceful = GracefulShutdown::new();
-    let mut sweeper =
-        idle::Sweeper::new(shared.config.idle_timeout, shared.config.response_timeout);
+    let mut sweeper = idle::Sweeper::new(
+        shared.config.idle_timeout,
+        shared.config.response_timeout,
+        shared.config.write_timeout,
+    );
     let mut sweeps = tokio::time::interval(sweeper.period());
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A connection slot first (`proxy.max_connections`): without one, connections wait in
+        // the kernel's backlog. Sweeps go on meanwhile; they are what frees slots.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = sweeps.tick() => {
+                sweeper.sweep();
+                continue;
+            }
+            permit = shared.connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -439,7 +513,7 @@ async fn accept_loop(
             let busy = requests.begin();
             async move {
                 let response = forward::handle(shared, request, &peer, busy.watch()).await;
-                Ok::<_, Infallible>(response.map(|body| idle::BusyBody { body, busy }))
+                Ok::<_, Infallible>(response.map(|body| idle::BusyBody::new(body, busy)))
             }
         });
         let connection = builder
@@ -447,6 +521,7 @@ async fn accept_loop(
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _permit = permit;
             tokio::select! {
                 biased;
                 ended = connection => if let Err(error) = ended {
