@@ -224,7 +224,10 @@ TASKD_PID=$!
 PIDS+=("$TASKD_PID")
 wait_http "http://127.0.0.1:$TASKD_PORT/health/live" "$TASKD_PID" "taskd proxy"
 if [ -n "$BASE_BIN" ]; then
-  "$BASE_BIN" --log-level warn proxy --listen "127.0.0.1:$BASE_PROXY_PORT" "${UPSTREAMS[@]}" \
+  # An empty configuration file: the base binary's own defaults (config.toml documents the
+  # defaults of this checkout, and may hold keys the older binary does not know).
+  : >"$TMP/base-config.toml"
+  "$BASE_BIN" --config "$TMP/base-config.toml" --log-level warn proxy --listen "127.0.0.1:$BASE_PROXY_PORT" "${UPSTREAMS[@]}" \
     --admin-listen "127.0.0.1:$BASE_ADMIN_PORT" >"$TMP/base-proxy.log" 2>&1 &
   BASE_PID=$!
   PIDS+=("$BASE_PID")
