@@ -272,6 +272,15 @@ async fn upstream_handle(
             state.release.cancelled().await;
             reply(200, state.name.clone())
         }
+        (Some("early"), _) => {
+            // Answers at once and goes on reading the body in the background, keeping the
+            // connection busy with it.
+            let body = req.into_body();
+            tokio::spawn(async move {
+                let _ = body.collect().await;
+            });
+            reply(200, "early")
+        }
         (Some("upload"), _) => {
             let mut body = req.into_body();
             let (mut bytes, mut intact) = (0u64, true);
@@ -890,6 +899,42 @@ async fn chunked_request_body_is_streamed_not_buffered() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let doc: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(doc, json!({"upstream": "a", "bytes": 4000, "intact": true}));
+}
+
+/// An upstream that answers before it has read the request body: its connection is still busy
+/// with that body, so it must not go back to the pool (the next request would wait behind the
+/// body, for ever here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_returns_to_the_pool_only_when_both_directions_are_done() {
+    let up = TestUpstream::start("a").await;
+    let mut config = config(&[&up.url]);
+    // One serving thread, one idle pool: the next request would check out that connection.
+    // Found busy, it would cost the next request a `connect_timeout` wait.
+    config.threads = 1;
+    config.connect_timeout = Duration::from_secs(3);
+    let proxy = TestProxy::start(config).await;
+    let (tx, body) = channel_body();
+    let request = Request::post("/early").body(body).unwrap();
+    let early = within("the early answer", send_h1(proxy.addr, request)).await;
+    assert_eq!(early.status(), 200);
+    tx.send(pattern_at(0, 1000)).await.unwrap();
+    let text = within("the early body", early.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(text, "early");
+    // The upload is still open (`tx` alive). The next requests get their own connection.
+    let client = client();
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(proxy.get(&client, "/echo").await.status(), 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a request waited {:?} behind an unfinished upload",
+            started.elapsed()
+        );
+    }
+    drop(tx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
