@@ -275,7 +275,8 @@ async fn forward(
             .is_some_and(|len| len <= config.retry_body_limit.as_u64())
         && let Some(reserved) = shared.reserve_buffer(body.size_hint().upper().unwrap_or(0))
     {
-        let bytes = collect_within(body, config.body_timeout).await?;
+        let length = body.size_hint().upper().unwrap_or(0);
+        let bytes = collect_within(body, config.body_timeout, length).await?;
         (
             Some(bytes.clone()),
             UpstreamBody::buffered(bytes),
@@ -430,11 +431,15 @@ async fn try_upstream(
 
 /// The whole request body, waiting at most `limit` for each next piece of it: a client that
 /// sends its headers and then stalls gets 408 instead of holding a task and a buffer.
+/// `length` (at most `retry_body_limit`, already reserved) is allocated at once: growing the
+/// buffer piece by piece left about as much again in freed copies (30 stalled 1 MiB uploads
+/// peaked at 79 MiB of proxy RSS, 58 MiB allocated at once: `scripts/stalled-uploads.sh`).
 async fn collect_within(
     mut body: Incoming,
     limit: std::time::Duration,
+    length: u64,
 ) -> Result<Bytes, ProxyError> {
-    let mut bytes = bytes::BytesMut::new();
+    let mut bytes = bytes::BytesMut::with_capacity(length as usize);
     loop {
         match tokio::time::timeout(limit, body.frame()).await {
             Err(_) => return Err(ProxyError::BodyTimeout),
