@@ -67,8 +67,12 @@ pub struct DatabaseConfig {
     /// Primary PostgreSQL URL; the database is created when missing.
     /// Default `postgres://postgres@127.0.0.1:5432/taskd`; `DATABASE_URL` overrides it.
     pub url: String,
-    /// Optional read replica used for listings and reads. Default: none (reads go to `url`).
+    /// Optional streaming replica for reads that have seen the caller's last write (listings,
+    /// single tasks, categories); see `worker::replica`. Default: none (reads go to `url`).
     pub read_url: Option<String>,
+    /// Past this replay lag the replica is not read from. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Duration,
     /// Connections per worker process. Default 10.
     pub max_connections: u32,
     /// How long a request waits for a free connection before answering 503. Default 3s.
@@ -85,6 +89,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/taskd".into(),
             read_url: None,
+            max_replica_lag: Duration::from_secs(5),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(5),

@@ -155,23 +155,38 @@ impl Cache {
         self.redis.key(&format!("cache:{{{user}}}:{hex}"))
     }
 
-    /// Makes every cached read of `user` stale. Called after each write that can change one.
+    /// How long version keys live: longer than every entry stamped with them.
+    pub fn keep(&self) -> Duration {
+        (self.ttl * 2).max(Duration::from_secs(3600))
+    }
+
+    /// The version key a write of `user` must bump, when the cache is on (for callers that bump
+    /// it in a script of their own, [`super::replica`]).
+    pub fn version_to_bump(&self, user: Uuid) -> Option<String> {
+        self.enabled.then(|| self.version_key(user))
+    }
+
+    /// A bump of `user`'s version did not reach Redis: bypass until the epoch is bumped.
+    pub fn missed_invalidation(&self, user: Uuid) {
+        if self.enabled {
+            tracing::warn!(%user, "cache invalidation did not reach Redis; bypassing the cache until the epoch is bumped");
+            self.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Makes every cached read of `user` stale. Called after each write that can change one
+    /// (through [`super::Shared::wrote`]).
     pub async fn invalidate(&self, user: Uuid) {
         if !self.enabled {
             return;
         }
-        // Versions outlive every entry stamped with them.
-        let keep = (self.ttl * 2)
-            .max(Duration::from_secs(3600))
-            .as_secs()
-            .to_string();
+        let keep = self.keep().as_secs().to_string();
         let bumped: Result<i64, _> = self
             .redis
             .script(&self.bump, vec![self.version_key(user)], vec![keep])
             .await;
-        if let Err(error) = bumped {
-            tracing::warn!(%error, %user, "cache invalidation did not reach Redis; bypassing the cache until the epoch is bumped");
-            self.dirty.store(true, Ordering::Release);
+        if bumped.is_err() {
+            self.missed_invalidation(user);
         }
     }
 
@@ -208,7 +223,8 @@ impl Cache {
     }
 
     /// Serves `read` from the cache, or computes it with `load` (the JSON body) and stores it.
-    /// Errors of `load` pass through uncached.
+    /// Errors of `load` pass through uncached. `load` is given the WAL position its query must
+    /// see (for [`super::Shared::read`]), read in the same `MGET`.
     ///
     /// `caller` has not been checked for revocation yet: its published token version is read
     /// in the same `MGET` as the entry, so a hit costs one Redis round trip, and nothing is
@@ -223,22 +239,25 @@ impl Cache {
         load: F,
     ) -> Result<Response, ApiError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<u64>) -> Fut,
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
         // The paths that load are boxed: their futures (SQL included) are large, and inline
         // they would make every hit's future as large, to be copied into place per request.
         if !self.usable().await {
-            return Box::pin(self.bypass(caller, state, request, load)).await;
+            return Box::pin(self.bypass(caller, state, read.owner, request, load)).await;
         }
         let entry_key = self.entry_key(read.owner, read.kind, read.query);
-        let keys = vec![
+        let mut keys = vec![
             caller.version_key(&self.redis),
             self.epoch_key(),
             self.version_key(read.owner),
             entry_key.clone(),
         ];
-        let stamp = match self.redis.mget(keys).await {
+        if let Some(replica) = &state.replica {
+            keys.extend(replica.keys(read.owner));
+        }
+        let (stamp, needed) = match self.redis.mget(keys).await {
             Ok(values) => {
                 let number = |v: &Option<Bytes>| {
                     v.as_deref()
@@ -254,12 +273,18 @@ impl Cache {
                     metrics::counter!("cache_requests_total", "outcome" => "hit").increment(1);
                     return Ok(cached.respond(request, "HIT"));
                 }
-                stamp
+                let needed = match &state.replica {
+                    Some(replica) => replica.needed(read.owner, &values[4..]).await,
+                    None => None,
+                };
+                (stamp, needed)
             }
-            Err(_) => return Box::pin(self.bypass(caller, state, request, load)).await,
+            Err(_) => {
+                return Box::pin(self.bypass(caller, state, read.owner, request, load)).await;
+            }
         };
         metrics::counter!("cache_requests_total", "outcome" => "miss").increment(1);
-        let cached = Box::pin(self.single_flight(&entry_key, stamp, load)).await?;
+        let cached = Box::pin(self.single_flight(&entry_key, stamp, || load(needed))).await?;
         Ok(cached.respond(request, "MISS"))
     }
 
@@ -268,16 +293,18 @@ impl Cache {
         &self,
         caller: &Bearer,
         state: &AppState,
+        owner: Uuid,
         request: &HeaderMap,
         load: F,
     ) -> Result<Response, ApiError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<u64>) -> Fut,
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
         caller.verify(state).await?;
         metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
-        Ok(Cached::new(load().await?).respond(request, "BYPASS"))
+        let needed = state.needed(owner).await;
+        Ok(Cached::new(load(needed).await?).respond(request, "BYPASS"))
     }
 
     /// Runs `load` and stores its result under `stamp`, unless the same key is already loading

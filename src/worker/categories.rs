@@ -102,9 +102,16 @@ async fn list_categories(
     )
     .map_err(ApiError::invalid_query)?;
     let words = search_words(query.search.as_deref().unwrap_or(""));
-    let (rows, total) = list(&state.db_read, me.id, &words, &page).await?;
+    let needed = state.needed(me.id).await;
+    let (words, page) = (&words, &page);
+    let (rows, total) = state
+        .read(
+            needed,
+            |db| async move { list(&db, me.id, words, page).await },
+        )
+        .await?;
     Ok(axum::Json(Listing::new(
-        &page, rows, total, SORT_TAG, position,
+        page, rows, total, SORT_TAG, position,
     )))
 }
 
@@ -126,6 +133,7 @@ async fn create_category(
     let name = name.unwrap_or_default();
     let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
     let created = store::categories::create(&state.db, me.id, id, &name, color.as_deref()).await?;
+    state.wrote(me.id).await;
     Ok(idempotency::created(created))
 }
 
@@ -175,6 +183,7 @@ async fn update_category(
     )
     .await?
     .ok_or(NO_CATEGORY)?;
+    state.wrote(me.id).await;
     Ok(axum::Json(category))
 }
 
@@ -190,7 +199,7 @@ async fn delete_category(
         return Err(NO_CATEGORY);
     }
     // Its tasks lost their category.
-    state.cache.invalidate(me.id).await;
+    state.wrote(me.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -46,14 +46,18 @@ pub struct Check {
 pub struct Checks {
     database: Check,
     redis: Check,
+    /// With `database.read_url` only: what the replica poller last saw. Anything but `ok`
+    /// degrades readiness (reads then go to the primary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<super::replica::ReplicaCheck>,
 }
 
 /// Readiness report.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Ready {
-    /// `ok`; `degraded` when Redis is down (still serving); `unavailable` when PostgreSQL is down
-    /// or the worker is shutting down.
+    /// `ok`; `degraded` when Redis or the replica is down (still serving); `unavailable` when
+    /// PostgreSQL is down or the worker is shutting down.
     status: &'static str,
     /// This worker's `X-Served-By` id.
     instance: String,
@@ -104,9 +108,11 @@ async fn readiness(state: &AppState) -> (StatusCode, Json<Ready>) {
         timed(sqlx::query("SELECT 1").execute(&state.db)),
         timed(state.redis.ping()),
     );
+    let replica = state.replica.as_ref().map(|replica| replica.check());
+    let replica_ok = replica.as_ref().is_none_or(|check| check.status == "ok");
     let (code, status) = if state.shutdown.is_cancelled() || database.status != "ok" {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-    } else if redis.status != "ok" {
+    } else if redis.status != "ok" || !replica_ok {
         (StatusCode::OK, "degraded")
     } else {
         (StatusCode::OK, "ok")
@@ -116,7 +122,11 @@ async fn readiness(state: &AppState) -> (StatusCode, Json<Ready>) {
         instance: state.instance.to_string(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
-        checks: Checks { database, redis },
+        checks: Checks {
+            database,
+            redis,
+            replica,
+        },
     };
     (code, Json(body))
 }

@@ -10,6 +10,7 @@ pub mod listing;
 pub mod model;
 pub mod ratelimit;
 pub mod redis;
+pub mod replica;
 pub mod store;
 pub mod tokens;
 
@@ -53,8 +54,8 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     /// Primary PostgreSQL pool: all writes and reads that must see them.
     pub db: PgPool,
-    /// Pool for listings: `database.read_url` when set, else the primary.
-    pub db_read: PgPool,
+    /// `database.read_url`: reads that have seen their owner's last write ([`replica`]).
+    pub replica: Option<Arc<replica::Replica>>,
     /// Shared ephemeral state: token revocations, cache, rate limits, idempotency keys.
     pub redis: redis::Redis,
     /// Response cache of task reads.
@@ -90,10 +91,6 @@ impl AppState {
         } else {
             crate::db::pool(&config.database, &config.database.url)?
         };
-        let db_read = match &config.database.read_url {
-            Some(url) => crate::db::pool(&config.database, url)?,
-            None => db.clone(),
-        };
         let secret = store::settings::jwt_secret(&db, &config.auth.jwt_secret)
             .await
             .context("loading the JWT secret from PostgreSQL")?;
@@ -101,6 +98,20 @@ impl AppState {
         let passwords = Arc::new(tokens::Passwords::new(&config.auth)?);
         let redis = redis::Redis::connect(&config.redis).await?;
         let cache = Arc::new(cache::Cache::new(redis.clone(), &config.cache));
+        let replica = match &config.database.read_url {
+            Some(url) => {
+                let replica = Arc::new(replica::Replica::new(
+                    crate::db::pool(&config.database, url)?,
+                    db.clone(),
+                    redis.clone(),
+                    config.database.max_replica_lag,
+                    cache.keep(),
+                ));
+                tokio::spawn(replica.clone().poll(shutdown.clone()));
+                Some(replica)
+            }
+            None => None,
+        };
         let instance = config
             .worker
             .instance_id
@@ -108,7 +119,7 @@ impl AppState {
             .unwrap_or_else(|| format!("{}:{}", hostname(), config.worker.port));
         Ok(Self(Arc::new(Shared {
             db,
-            db_read,
+            replica,
             redis,
             cache,
             limiter: Arc::default(),
@@ -122,6 +133,45 @@ impl AppState {
             metrics: middleware::metrics_handle(),
             config: Arc::new(config),
         })))
+    }
+}
+
+impl Shared {
+    /// After a write that can change `owner`'s reads: retires their cached reads and, with a
+    /// replica, records the write's WAL position so their next reads wait for it.
+    pub async fn wrote(&self, owner: uuid::Uuid) {
+        match &self.replica {
+            None => self.cache.invalidate(owner).await,
+            Some(replica) => {
+                if !replica
+                    .wrote(owner, self.cache.version_to_bump(owner))
+                    .await
+                {
+                    self.cache.missed_invalidation(owner);
+                }
+            }
+        }
+    }
+
+    /// Runs a read `query` on the replica when it has replayed `needed` (see [`replica`]), else
+    /// on the primary.
+    pub async fn read<T, F, Fut>(&self, needed: Option<u64>, query: F) -> Result<T, error::ApiError>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, error::ApiError>>,
+    {
+        match &self.replica {
+            Some(replica) => replica.read(needed, query).await,
+            None => query(self.db.clone()).await,
+        }
+    }
+
+    /// The position a read of `owner` outside the cache must see (`None` without a replica).
+    pub async fn needed(&self, owner: uuid::Uuid) -> Option<u64> {
+        match &self.replica {
+            Some(replica) => replica.lookup(owner).await,
+            None => None,
+        }
     }
 }
 

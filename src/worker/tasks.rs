@@ -287,13 +287,18 @@ async fn list_tasks(
         kind: "tasks",
         query: &query,
     };
+    let shared = &state;
     state
         .cache
-        .get_or_load(&caller, &state, read, &headers, || async {
-            let (rows, total) =
-                store::tasks::list(&state.db_read, owner, &filter, &sort, &page).await?;
+        .get_or_load(&caller, &state, read, &headers, |needed| async move {
+            let (filter, sort, page) = (&filter, &sort, &page);
+            let (rows, total) = shared
+                .read(needed, |db| async move {
+                    store::tasks::list(&db, owner, filter, sort, page).await
+                })
+                .await?;
             let tag = sort.tag();
-            let listing = Listing::new(&page, rows, total, &tag, |task| sort.position(task));
+            let listing = Listing::new(page, rows, total, &tag, |task| sort.position(task));
             Ok(Bytes::from(
                 serde_json::to_vec(&listing).map_err(anyhow::Error::from)?,
             ))
@@ -332,7 +337,7 @@ async fn create_task(
     let id = keyed.map(|axum::Extension(IdempotentId(id))| id);
     let created = store::tasks::create(&state.db, me.id, id, &task).await?;
     // Also when the task existed: the run that created it may have died before invalidating.
-    state.cache.invalidate(me.id).await;
+    state.wrote(me.id).await;
     Ok(idempotency::created(created))
 }
 
@@ -360,10 +365,14 @@ async fn get_task(
         kind: &kind,
         query: "",
     };
+    let shared = &state;
     state
         .cache
-        .get_or_load(&caller, &state, read, &headers, || async {
-            let task = store::tasks::get(&state.db, me.id, id)
+        .get_or_load(&caller, &state, read, &headers, |needed| async move {
+            let task = shared
+                .read(needed, |db| async move {
+                    store::tasks::get(&db, me.id, id).await
+                })
                 .await?
                 .ok_or(NO_TASK)?;
             Ok(Bytes::from(
@@ -405,7 +414,7 @@ async fn update_task(
     let task = store::tasks::update(&state.db, me.id, id, &changes)
         .await?
         .ok_or(NO_TASK)?;
-    state.cache.invalidate(me.id).await;
+    state.wrote(me.id).await;
     Ok(axum::Json(task))
 }
 
@@ -420,6 +429,6 @@ async fn delete_task(
     if !store::tasks::delete(&state.db, me.id, id).await? {
         return Err(NO_TASK);
     }
-    state.cache.invalidate(me.id).await;
+    state.wrote(me.id).await;
     Ok(StatusCode::NO_CONTENT)
 }

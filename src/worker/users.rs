@@ -122,7 +122,7 @@ async fn delete(state: &AppState, id: uuid::Uuid) -> Result<StatusCode, ApiError
         return Err(NO_USER);
     }
     tokens::publish_version(state, id, None).await;
-    state.cache.invalidate(id).await;
+    state.wrote(id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -203,7 +203,7 @@ async fn list_users(
     )
     .map_err(ApiError::invalid_query)?;
     let words = search_words(query.search.as_deref().unwrap_or(""));
-    let (rows, total) = store::users::list(&state.db_read, &words, &page).await?;
+    let (rows, total) = store::users::list(&state.db, &words, &page).await?;
     Ok(axum::Json(Listing::new(
         &page,
         rows,

@@ -8,6 +8,7 @@
 
 pub mod expect;
 pub mod ports;
+pub mod postgres;
 
 use std::{
     net::SocketAddr,
