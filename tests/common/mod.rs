@@ -256,15 +256,23 @@ impl RedisServer {
     }
 
     /// [`RedisServer::spawn`] with more arguments, made from the port.
-    async fn spawn_with(extra: impl FnOnce(u16) -> Vec<String>) -> Self {
-        let port = ports::free_port();
-        let mut server = Self {
-            port,
-            child: None,
-            extra: extra(port),
-        };
-        server.start().await;
-        server
+    ///
+    /// A port found free can be taken by another process before the server binds it; the
+    /// server then exits at once, and another port is tried.
+    async fn spawn_with(extra: impl Fn(u16) -> Vec<String>) -> Self {
+        for _ in 0..5 {
+            let port = ports::free_port();
+            let mut server = Self {
+                port,
+                child: None,
+                extra: extra(port),
+            };
+            if server.try_start().await {
+                return server;
+            }
+            server.kill();
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     pub fn url(&self) -> String {
@@ -273,6 +281,15 @@ impl RedisServer {
 
     /// (Re)starts the server on its port, empty, and waits until it answers `PING`.
     pub async fn start(&mut self) {
+        let port = self.port;
+        assert!(
+            self.try_start().await,
+            "redis-server on port {port} did not start"
+        );
+    }
+
+    /// [`RedisServer::start`]; false when the server exited or did not answer in 10 s.
+    async fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "redis-server is already running");
         let port = self.port.to_string();
         let child = Command::new("redis-server")
@@ -287,12 +304,16 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.answers_ping().await {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not start"
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() > deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients) and waits for it to exit.
