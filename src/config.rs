@@ -101,9 +101,13 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL. Default `redis://127.0.0.1:6379`;
+    /// `redis://`, `redis-cluster://` or `redis-sentinel://` URL; `rediss://`,
+    /// `rediss-cluster://`, `rediss-sentinel://` for TLS. Default `redis://127.0.0.1:6379`;
     /// `REDIS_URL` overrides it.
     pub url: String,
+    /// With a `rediss` URL: PEM file of the CA(s) that sign the server's certificate, trusted
+    /// instead of the system's roots. Default: none (the system's roots).
+    pub tls_ca: Option<String>,
     /// Prefix of every key this deployment writes, so several deployments can share one Redis.
     /// Default `taskd:`.
     pub key_prefix: String,
@@ -127,6 +131,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            tls_ca: None,
             key_prefix: "taskd:".into(),
             pool_size: 1,
             command_timeout: Duration::from_millis(250),
@@ -650,7 +655,13 @@ impl Config {
         check(
             fred::types::config::Config::from_url(&self.redis.url).is_ok(),
             "redis.url",
-            "is not a valid redis://, redis-cluster:// or redis-sentinel:// URL",
+            "is not a valid redis://, redis-cluster:// or redis-sentinel:// URL \
+             (rediss… for TLS)",
+        )?;
+        check(
+            self.redis.tls_ca.is_none() || self.redis.url.starts_with("rediss"),
+            "redis.tls_ca",
+            "needs a rediss://, rediss-cluster:// or rediss-sentinel:// redis.url",
         )?;
         check(
             (1..=64).contains(&self.redis.pool_size),
@@ -920,7 +931,7 @@ mod tests {
         let render = |c: &Config| toml::to_string(c).unwrap();
         assert_eq!(render(&committed), render(&Config::default()));
         let text = std::fs::read_to_string(&path).unwrap();
-        for key in ["read_url", "instance_id"] {
+        for key in ["read_url", "instance_id", "tls_ca"] {
             assert!(text.contains(key), "config.toml does not mention {key}");
         }
     }
@@ -980,6 +991,9 @@ mod tests {
             jail.create_file("config.toml", "[redis]\npool_size = 0\n")?;
             let err = Config::load(None, serde_json::json!({})).unwrap_err();
             assert!(err.to_string().contains("redis.pool_size"), "{err}");
+            jail.create_file("config.toml", "[redis]\ntls_ca = \"/etc/ca.pem\"\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("redis.tls_ca"), "{err}");
             Ok(())
         });
     }

@@ -40,6 +40,10 @@ pub struct Check {
     status: &'static str,
     /// Round-trip time of the check; null when it failed.
     latency_ms: Option<f64>,
+    /// Whether the connection is encrypted: for PostgreSQL as the server reports it
+    /// (`pg_stat_ssl`; behind a pooler, the pooler's own link), false when it failed; for Redis,
+    /// a `rediss` URL (nothing else is ever used).
+    tls: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -89,24 +93,31 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     readiness(&state).await
 }
 
-async fn timed<T, E>(check: impl Future<Output = Result<T, E>>) -> Check {
+/// Times `check`, whose answer says whether the connection is encrypted.
+async fn timed<E>(check: impl Future<Output = Result<bool, E>>) -> Check {
     let started = Instant::now();
     match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-        Ok(Ok(_)) => Check {
+        Ok(Ok(tls)) => Check {
             status: "ok",
             latency_ms: Some((started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0),
+            tls,
         },
         _ => Check {
             status: "down",
             latency_ms: None,
+            tls: false,
         },
     }
 }
 
+/// One round trip that also says whether this session is encrypted.
+pub const SESSION_TLS: &str =
+    "SELECT COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
+
 async fn readiness(state: &AppState) -> (StatusCode, Json<Ready>) {
     let (database, redis) = tokio::join!(
-        timed(sqlx::query("SELECT 1").execute(&state.db)),
-        timed(state.redis.ping()),
+        timed(sqlx::query_scalar::<_, bool>(SESSION_TLS).fetch_one(&state.db)),
+        timed(async { state.redis.ping().await.map(|_| state.redis.tls()) }),
     );
     let replica = state.replica.as_ref().map(|replica| replica.check());
     let replica_ok = replica.as_ref().is_none_or(|check| check.status == "ok");

@@ -26,7 +26,9 @@ use fred::{
 use futures_util::future::try_join_all;
 use tokio::sync::Notify;
 
-use crate::config::RedisConfig;
+use anyhow::Context;
+
+use crate::config::{RedisConfig, redact_url};
 
 /// Why a Redis call produced no answer.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,44 @@ pub struct Redis {
     clustered: bool,
     /// Shared by every clone: one view of Redis health per process.
     breaker: Arc<Breaker>,
+    /// Connections use TLS.
+    tls: bool,
+}
+
+/// A failed TLS handshake: fred reports rustls' errors as I/O errors, recognisable by name only.
+fn is_tls_failure(error: &fred::error::Error) -> bool {
+    const HANDSHAKE: [&str; 5] = [
+        "InvalidCertificate",
+        "AlertReceived",
+        "InvalidMessage",
+        "PeerIncompatible",
+        "NoCertificatesPresented",
+    ];
+    *error.kind() == fred::error::ErrorKind::Tls
+        || HANDSHAKE.iter().any(|name| error.details().contains(name))
+}
+
+/// A rustls client configuration trusting only the CA certificates in the PEM file `path`.
+fn tls_with_ca(path: &str) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("redis.tls_ca: reading {path}"))?;
+    for cert in certs {
+        let cert = cert.with_context(|| format!("redis.tls_ca: {path} is not PEM"))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("redis.tls_ca: a certificate in {path}"))?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "redis.tls_ca: {path} holds no certificate"
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 impl Redis {
@@ -123,10 +163,18 @@ impl Redis {
     /// first connections (commands fail fast: a worker that took requests before it was
     /// connected would treat them as an outage). A worker starts (degraded) while Redis is down,
     /// and recovers by itself when it comes back.
+    ///
+    /// A TLS handshake that fails (a certificate the configured CA did not sign, a name that
+    /// does not match) will not heal by itself: it is a start-up error naming Redis.
     pub async fn connect(config: &RedisConfig) -> anyhow::Result<Self> {
-        let mut client_config = fred::types::config::Config::from_url(&config.url)?;
+        let mut client_config = fred::types::config::Config::from_url(&config.url)
+            .with_context(|| format!("redis.url {}", redact_url(&config.url)))?;
         let clustered = client_config.server.is_clustered();
         client_config.fail_fast = false;
+        if let Some(ca) = &config.tls_ca {
+            client_config.tls = Some(tls_with_ca(ca)?.into());
+        }
+        let tls = client_config.tls.is_some();
         let timeout = config.command_timeout;
         let pool = Builder::from_config(client_config)
             .with_connection_config(|c| {
@@ -151,10 +199,15 @@ impl Redis {
         // before fred starts reconnecting would otherwise queue until their timeouts, and a
         // dead Redis (every connection dropping together) would open the breaker only after
         // `breaker_failures` of them; now it opens within a millisecond and wakes them.
+        let tls_failure: Arc<std::sync::OnceLock<String>> = Arc::default();
         for client in pool.clients() {
             let breaker = breaker.clone();
+            let tls_failure = tls_failure.clone();
             client.on_error(move |(error, server)| {
                 tracing::debug!(%error, ?server, "redis connection error");
+                if is_tls_failure(&error) {
+                    let _ = tls_failure.set(error.details().to_owned());
+                }
                 breaker.failure();
                 async { Ok(()) }
             });
@@ -164,6 +217,14 @@ impl Redis {
             .await
             .is_err()
         {
+            if let Some(failure) = tls_failure.get() {
+                let _ = pool.quit().await;
+                anyhow::bail!(
+                    "TLS to Redis at {} failed: {failure} (check redis.tls_ca and the host name \
+                     in redis.url)",
+                    redact_url(&config.url)
+                );
+            }
             tracing::warn!("redis is not reachable yet; starting without it");
         }
         Ok(Self {
@@ -172,7 +233,13 @@ impl Redis {
             timeout,
             clustered,
             breaker,
+            tls,
         })
+    }
+
+    /// Whether connections to Redis use TLS (a `rediss` URL).
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// `prefix + name`.

@@ -74,7 +74,8 @@ const KEEP: Duration = Duration::from_secs(86_400);
 
 /// `pg_lsn` as a 64-bit number: `pg_lsn - '0/0'` is numeric; it fits in `int8`.
 const PRIMARY_LSN: &str = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8";
-const REPLAYED_LSN: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8";
+const REPLAYED_LSN: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8, \
+     COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
 
 /// The replica of one worker and what its poller last saw.
 pub struct Replica {
@@ -102,6 +103,8 @@ struct Seen {
     lag: Duration,
     /// Why the replica is not used, when the last poll failed.
     problem: Option<&'static str>,
+    /// The poll's session was encrypted.
+    tls: bool,
 }
 
 /// `checks.replica` in readiness.
@@ -115,6 +118,8 @@ pub struct ReplicaCheck {
     pub latency_ms: Option<f64>,
     /// Replay lag behind the primary, by WAL position; null when unknown.
     pub lag_ms: Option<u64>,
+    /// Whether the poll's connection is encrypted.
+    pub tls: bool,
 }
 
 /// A position as stored in Redis: fixed width, so string order is numeric order.
@@ -202,12 +207,12 @@ impl Replica {
             history.pop_front();
         }
         let started = Instant::now();
-        let replica = sqlx::query_scalar::<_, Option<i64>>(REPLAYED_LSN).fetch_one(&self.pool);
+        let replica = sqlx::query_as::<_, (Option<i64>, bool)>(REPLAYED_LSN).fetch_one(&self.pool);
         let answer = tokio::time::timeout(POLL_TIMEOUT, replica).await;
         let now = Instant::now();
         let mut seen = self.seen.write().expect("replica lock");
         match answer {
-            Ok(Ok(Some(replayed))) => {
+            Ok(Ok((Some(replayed), tls))) => {
                 let replayed = replayed as u64;
                 *seen = Seen {
                     answered: Some(now),
@@ -215,9 +220,10 @@ impl Replica {
                     latency: now - started,
                     lag: lag(history, replayed, now),
                     problem: None,
+                    tls,
                 };
             }
-            Ok(Ok(None)) => seen.problem = Some("database.read_url is not a standby"),
+            Ok(Ok((None, _))) => seen.problem = Some("database.read_url is not a standby"),
             Ok(Err(_)) | Err(_) => seen.problem = Some("the replica does not answer"),
         }
         if let Some(problem) = seen.problem {
@@ -247,6 +253,7 @@ impl Replica {
             status,
             latency_ms: (status != "down").then(|| millis(seen.latency)),
             lag_ms: (status != "down").then(|| seen.lag.as_millis() as u64),
+            tls: status != "down" && seen.tls,
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod expect;
 pub mod ports;
 pub mod postgres;
+pub mod tls;
 
 use std::{
     net::SocketAddr,

@@ -100,6 +100,7 @@ impl PgServer {
             .expect("starting postgres");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
+        // `prefer` (sqlx's default) also reaches a server that takes TLS only.
         while PgConnection::connect(&self.url("postgres")).await.is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -125,6 +126,58 @@ impl PgServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl PgServer {
+    /// A standalone server in `dir` that accepts only TLS connections (`hostssl`, plain ones
+    /// rejected), with the certificate of `ca`.
+    pub async fn spawn_tls(dir: &Path, ca: &super::tls::TestCa) -> Self {
+        chown(dir);
+        let data = dir.join("tls-data");
+        let mut init = command("initdb");
+        init.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ]);
+        run(init, "initdb");
+        for (from, to) in [(&ca.cert, "server.crt"), (&ca.key, "server.key")] {
+            std::fs::copy(from, data.join(to)).unwrap();
+            chown(&data.join(to));
+            std::fs::set_permissions(
+                data.join(to),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        let port = ports::free_port();
+        append(
+            &data.join("postgresql.conf"),
+            &format!(
+                "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+                 fsync = off\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+                dir.display()
+            ),
+        );
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        let mut server = PgServer {
+            port,
+            data,
+            log: dir.join("tls.log"),
+            child: None,
+        };
+        server.start().await;
+        server
     }
 }
 
