@@ -323,6 +323,7 @@ async fn create_user(
         .hash(&password)
         .await
         .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+    let db = crate::db::Db::session(db);
     let user = store::users::create(&db, &email, &name, &hash, role, tier)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -70,6 +70,13 @@ pub struct DatabaseConfig {
     /// Optional streaming replica for reads that have seen the caller's last write (listings,
     /// single tasks, categories); see `worker::replica`. Default: none (reads go to `url`).
     pub read_url: Option<String>,
+    /// Optional URL for what needs a session of its own, bypassing a transaction pooler:
+    /// migrations (and their advisory lock), `taskd user create`, `taskd seed`. Default: `url`.
+    pub direct_url: Option<String>,
+    /// Named, cached prepared statements (the fastest). `false` in front of a transaction-mode
+    /// pooler that cannot track them (PgBouncer before 1.21): each statement then runs unnamed
+    /// in a transaction of its own (`db::Db`). Default true.
+    pub prepared_statements: bool,
     /// Past this replay lag the replica is not read from. Default 5s.
     #[serde(with = "humantime_serde")]
     pub max_replica_lag: Duration,
@@ -89,6 +96,8 @@ impl Default for DatabaseConfig {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/taskd".into(),
             read_url: None,
+            direct_url: None,
+            prepared_statements: true,
             max_replica_lag: Duration::from_secs(5),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(3),
@@ -635,12 +644,17 @@ impl Config {
             "database.url",
             "must be a postgres:// URL",
         )?;
-        if let Some(read_url) = &self.database.read_url {
-            check(
-                read_url.starts_with("postgres://") || read_url.starts_with("postgresql://"),
-                "database.read_url",
-                "must be a postgres:// URL",
-            )?;
+        for (key, url) in [
+            ("database.read_url", &self.database.read_url),
+            ("database.direct_url", &self.database.direct_url),
+        ] {
+            if let Some(url) = url {
+                check(
+                    url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                    key,
+                    "must be a postgres:// URL",
+                )?;
+            }
         }
         check(
             self.database.max_connections >= 1,
@@ -842,6 +856,7 @@ impl Config {
         let mut shown = self.clone();
         shown.database.url = redact_url(&shown.database.url);
         shown.database.read_url = shown.database.read_url.as_deref().map(redact_url);
+        shown.database.direct_url = shown.database.direct_url.as_deref().map(redact_url);
         shown.redis.url = redact_url(&shown.redis.url);
         if !shown.auth.jwt_secret.is_empty() {
             shown.auth.jwt_secret = "<redacted>".into();
@@ -931,7 +946,7 @@ mod tests {
         let render = |c: &Config| toml::to_string(c).unwrap();
         assert_eq!(render(&committed), render(&Config::default()));
         let text = std::fs::read_to_string(&path).unwrap();
-        for key in ["read_url", "instance_id", "tls_ca"] {
+        for key in ["read_url", "direct_url", "instance_id", "tls_ca"] {
             assert!(text.contains(key), "config.toml does not mention {key}");
         }
     }

@@ -134,6 +134,7 @@ async fn register(
         store::users::create(&state.db, &email, &name, &hash, Role::User, Tier::Free).await?;
     let mut conn = state.db.acquire().await?;
     let response = session(&state, user, 0, uuid::Uuid::now_v7(), &mut conn).await?;
+    conn.finish().await?;
     Ok((StatusCode::CREATED, axum::Json(response)))
 }
 
@@ -172,9 +173,9 @@ async fn login(
         return Err(BAD_CREDENTIALS);
     };
     let mut conn = state.db.acquire().await?;
-    Ok(axum::Json(
-        session(&state, user, token_version, uuid::Uuid::now_v7(), &mut conn).await?,
-    ))
+    let response = session(&state, user, token_version, uuid::Uuid::now_v7(), &mut conn).await?;
+    conn.finish().await?;
+    Ok(axum::Json(response))
 }
 
 /// Exchange a refresh token for a new pair. The presented token stops working; presenting it

@@ -146,7 +146,7 @@ async fn readiness(state: &AppState) -> (StatusCode, Json<Ready>) {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses(
     (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let pool = &state.db;
+    let pool = state.db.pool();
     let size = f64::from(pool.size());
     let idle = pool.num_idle() as f64;
     metrics::gauge!("db_pool_connections", "state" => "idle").set(idle);

@@ -30,7 +30,6 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use anyhow::Context;
 use axum::{Router, extract::DefaultBodyLimit, http::HeaderValue};
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
@@ -52,8 +51,8 @@ impl std::ops::Deref for AppState {
 
 /// What [`AppState`] holds.
 pub struct Shared {
-    /// Primary PostgreSQL pool: all writes and reads that must see them.
-    pub db: PgPool,
+    /// Primary PostgreSQL: all writes and reads that must see them.
+    pub db: crate::db::Db,
     /// `database.read_url`: reads that have seen their owner's last write ([`replica`]).
     pub replica: Option<Arc<replica::Replica>>,
     /// Shared ephemeral state: token revocations, cache, rate limits, idempotency keys.
@@ -86,14 +85,25 @@ impl AppState {
         shutdown: CancellationToken,
         migrate: bool,
     ) -> anyhow::Result<Self> {
-        let db = if migrate {
-            crate::db::migrate(&config.database).await?
-        } else {
-            crate::db::pool(&config.database, &config.database.url)?
+        if migrate {
+            // On `direct_url` when set; the pool it returns is for administrative work.
+            crate::db::migrate(&config.database).await?.close().await;
+        }
+        let db = crate::db::Db::new(&config.database, &config.database.url)?;
+        let secret = match store::settings::jwt_secret(&db, &config.auth.jwt_secret).await {
+            Ok(secret) => secret,
+            // 42P05 duplicate_prepared_statement, 26000 invalid_sql_statement_name: named
+            // statements through a pooler that hands each transaction another server.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P05" | "26000")) =>
+            {
+                anyhow::bail!(
+                    "loading the JWT secret from PostgreSQL: {e}; behind a transaction-mode \
+                     pooler (PgBouncer) set database.prepared_statements = false"
+                )
+            }
+            Err(e) => Err(e).context("loading the JWT secret from PostgreSQL")?,
         };
-        let secret = store::settings::jwt_secret(&db, &config.auth.jwt_secret)
-            .await
-            .context("loading the JWT secret from PostgreSQL")?;
         let tokens = Arc::new(tokens::TokenKeys::new(&secret, &config.auth));
         let passwords = Arc::new(tokens::Passwords::new(&config.auth)?);
         let redis = redis::Redis::connect(&config.redis).await?;
@@ -101,7 +111,7 @@ impl AppState {
         let replica = match &config.database.read_url {
             Some(url) => {
                 let replica = Arc::new(replica::Replica::new(
-                    crate::db::pool(&config.database, url)?,
+                    crate::db::Db::new(&config.database, url)?,
                     db.clone(),
                     redis.clone(),
                     config.database.max_replica_lag,
@@ -157,7 +167,7 @@ impl Shared {
     /// on the primary.
     pub async fn read<T, F, Fut>(&self, needed: Option<u64>, query: F) -> Result<T, error::ApiError>
     where
-        F: Fn(PgPool) -> Fut,
+        F: Fn(crate::db::Db) -> Fut,
         Fut: Future<Output = Result<T, error::ApiError>>,
     {
         match &self.replica {

@@ -42,12 +42,12 @@ use std::{
 use bytes::Bytes;
 use fred::types::scripts::Script;
 use serde::Serialize;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{error::ApiError, redis::Redis};
+use crate::db::Db;
 
 /// How often the replica's replay position (and the primary's, for the lag) is read.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -79,8 +79,8 @@ const REPLAYED_LSN: &str = "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::i
 
 /// The replica of one worker and what its poller last saw.
 pub struct Replica {
-    pool: PgPool,
-    primary: PgPool,
+    pool: Db,
+    primary: Db,
     redis: Redis,
     max_lag: Duration,
     /// TTL of position keys (and of the cache versions bumped with them).
@@ -146,8 +146,8 @@ fn lag(history: &VecDeque<(Instant, u64)>, replayed: u64, now: Instant) -> Durat
 
 impl Replica {
     pub fn new(
-        pool: PgPool,
-        primary: PgPool,
+        pool: Db,
+        primary: Db,
         redis: Redis,
         max_lag: Duration,
         cache_keep: Duration,
@@ -341,7 +341,7 @@ impl Replica {
     /// on the primary.
     pub async fn read<T, F, Fut>(&self, needed: Option<u64>, query: F) -> Result<T, ApiError>
     where
-        F: Fn(PgPool) -> Fut,
+        F: Fn(Db) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let usable = needed.zip(self.replayed()).is_some_and(|(n, r)| r >= n);

@@ -217,7 +217,7 @@ pub async fn serve_app(config: Config, database: Option<TestDb>, migrate: bool) 
         addr,
         base_url: format!("http://{addr}"),
         client,
-        db: state.db.clone(),
+        db: state.db.pool().clone(),
         state,
         redis_prefix,
         shutdown,

@@ -268,3 +268,79 @@ fn append(path: &Path, text: &str) {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     file.write_all(text.as_bytes()).unwrap();
 }
+
+/// A private PgBouncer in transaction mode with stock settings (nothing in
+/// `ignore_startup_parameters`, no prepared-statement support: Debian's 1.18), on a free port,
+/// in front of the test PostgreSQL server. A small server pool (`default_pool_size`), so
+/// concurrent clients share server connections, transaction by transaction.
+pub struct PgBouncer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    /// In front of `host:port` (every database name passes through), with `pool_size` server
+    /// connections per database.
+    pub async fn spawn(host: &str, upstream: u16, pool_size: u32) -> Self {
+        let dir = tempfile::tempdir().expect("a directory for pgbouncer");
+        chown(dir.path());
+        let port = ports::free_port();
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host={host} port={upstream}\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {users}\npool_mode = transaction\n\
+                 default_pool_size = {pool_size}\nmax_client_conn = 500\n\
+                 logfile = {log}\n",
+                users = dir.path().join("users.txt").display(),
+                log = dir.path().join("pgbouncer.log").display(),
+            ),
+        )
+        .unwrap();
+        for file in ["pgbouncer.ini", "users.txt"] {
+            chown(&dir.path().join(file));
+        }
+        let binary = if Path::new("/usr/sbin/pgbouncer").exists() {
+            PathBuf::from("/usr/sbin/pgbouncer")
+        } else {
+            PathBuf::from("pgbouncer")
+        };
+        let mut command = Command::new(binary);
+        if let Some((uid, gid)) = server_user() {
+            command.uid(uid).gid(gid);
+        }
+        let child = command
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting pgbouncer (apt-get install pgbouncer)");
+        let bouncer = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "pgbouncer did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bouncer
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/<database>`
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

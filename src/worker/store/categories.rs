@@ -1,9 +1,10 @@
 //! Categories, always scoped to their owner: another user's category is indistinguishable from a
 //! missing one.
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
+use sqlx::{FromRow, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -35,7 +36,7 @@ fn name_taken() -> ApiError {
 /// Inserts a category; with `id` (a POST with `Idempotency-Key`) an existing category with that
 /// id is returned instead, as for tasks.
 pub async fn create(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     id: Option<Uuid>,
     name: &str,
@@ -66,7 +67,7 @@ pub async fn create(
     }
 }
 
-pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Category>, ApiError> {
+pub async fn get(db: &Db, owner: Uuid, id: Uuid) -> Result<Option<Category>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM categories WHERE owner_id = $1 AND id = $2"
     ))
@@ -78,7 +79,7 @@ pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Category>,
 
 /// Changes name and/or color (`Some(None)` clears the color).
 pub async fn update(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     id: Uuid,
     name: Option<&str>,
@@ -103,7 +104,7 @@ pub async fn update(
 }
 
 /// Deletes the category; its tasks stay, with `category_id` cleared by the foreign key.
-pub async fn delete(db: &PgPool, owner: Uuid, id: Uuid) -> Result<bool, ApiError> {
+pub async fn delete(db: &Db, owner: Uuid, id: Uuid) -> Result<bool, ApiError> {
     let result = sqlx::query("DELETE FROM categories WHERE owner_id = $1 AND id = $2")
         .bind(owner)
         .bind(id)
@@ -130,7 +131,7 @@ pub fn position(category: &Category) -> Position {
 }
 
 pub async fn list(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     words: &[String],
     page: &PageRequest,

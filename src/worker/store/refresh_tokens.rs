@@ -1,8 +1,9 @@
 //! Refresh tokens: stored as SHA-256 hashes, single use, grouped in families so that re-use of a
 //! rotated token (a sign it was stolen) revokes every token descending from the same login.
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// What presenting a refresh token did.
@@ -77,7 +78,7 @@ pub async fn revoke_family(db: &mut PgConnection, family_id: Uuid) -> sqlx::Resu
 }
 
 /// Revokes the family of the token with this hash, if any (logout).
-pub async fn revoke_by_hash(db: &PgPool, token_hash: &[u8]) -> sqlx::Result<()> {
+pub async fn revoke_by_hash(db: &Db, token_hash: &[u8]) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE refresh_tokens SET revoked_at = now()
          WHERE revoked_at IS NULL

@@ -1,12 +1,12 @@
 //! Deployment-wide settings that all workers must share.
 
+use crate::db::Db;
 use rand::RngCore;
-use sqlx::PgPool;
 
 /// The JWT signing secret: the configured one, else the one stored in PostgreSQL, generating and
 /// storing it on first use. Concurrent first uses agree: the insert that loses is ignored and
 /// everyone reads back the winner.
-pub async fn jwt_secret(db: &PgPool, configured: &str) -> sqlx::Result<Vec<u8>> {
+pub async fn jwt_secret(db: &Db, configured: &str) -> sqlx::Result<Vec<u8>> {
     if !configured.is_empty() {
         return Ok(configured.as_bytes().to_vec());
     }

@@ -1,8 +1,9 @@
 //! Tasks: CRUD and the filtered, searched, sorted listing.
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{FromRow, PgConnection, PgPool, Postgres, QueryBuilder};
+use sqlx::{FromRow, PgConnection, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -81,7 +82,7 @@ fn unknown_category() -> ApiError {
 /// exists already (the same request ran before, on a worker that died before answering), that
 /// task is returned (`existed`) instead of a second one.
 pub async fn create(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     id: Option<Uuid>,
     task: &NewTask,
@@ -117,7 +118,7 @@ pub async fn create(
     }
 }
 
-pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Task>, ApiError> {
+pub async fn get(db: &Db, owner: Uuid, id: Uuid) -> Result<Option<Task>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM tasks WHERE owner_id = $1 AND id = $2"
     ))
@@ -128,7 +129,7 @@ pub async fn get(db: &PgPool, owner: Uuid, id: Uuid) -> Result<Option<Task>, Api
 }
 
 pub async fn update(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     id: Uuid,
     changes: &TaskChanges,
@@ -171,7 +172,7 @@ pub async fn update(
         .map_err(|e| on_constraint(e, "tasks_category_fkey", unknown_category))
 }
 
-pub async fn delete(db: &PgPool, owner: Uuid, id: Uuid) -> Result<bool, ApiError> {
+pub async fn delete(db: &Db, owner: Uuid, id: Uuid) -> Result<bool, ApiError> {
     let result = sqlx::query("DELETE FROM tasks WHERE owner_id = $1 AND id = $2")
         .bind(owner)
         .bind(id)
@@ -441,7 +442,7 @@ const WALK_PER_ROW: i64 = 25;
 const WALK_MAX: i64 = 2_500;
 
 pub async fn list(
-    db: &PgPool,
+    db: &Db,
     owner: Uuid,
     filter: &TaskFilter,
     sort: &TaskSort,

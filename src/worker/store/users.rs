@@ -1,8 +1,9 @@
 //! Users and their credentials.
 
+use crate::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{FromRow, PgConnection, PgPool, Postgres, QueryBuilder};
+use sqlx::{FromRow, PgConnection, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -53,7 +54,7 @@ fn email_taken() -> ApiError {
 }
 
 pub async fn create(
-    db: &PgPool,
+    db: &Db,
     email: &str,
     name: &str,
     password_hash: &str,
@@ -75,7 +76,7 @@ pub async fn create(
     .map_err(|e| on_constraint(e, "users_email_key", email_taken))
 }
 
-pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<User>, ApiError> {
+pub async fn find(db: &Db, id: Uuid) -> Result<Option<User>, ApiError> {
     Ok(
         sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
             .bind(id)
@@ -84,10 +85,7 @@ pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<User>, ApiError> {
     )
 }
 
-pub async fn credentials_by_email(
-    db: &PgPool,
-    email: &str,
-) -> Result<Option<Credentials>, ApiError> {
+pub async fn credentials_by_email(db: &Db, email: &str) -> Result<Option<Credentials>, ApiError> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS}, password_hash, token_version FROM users WHERE email = $1"
     ))
@@ -112,7 +110,7 @@ pub async fn credentials(
 }
 
 /// The current token version, or `None` when the user no longer exists.
-pub async fn token_version(db: &PgPool, id: Uuid) -> Result<Option<i32>, ApiError> {
+pub async fn token_version(db: &Db, id: Uuid) -> Result<Option<i32>, ApiError> {
     Ok(
         sqlx::query_scalar("SELECT token_version FROM users WHERE id = $1")
             .bind(id)
@@ -170,7 +168,7 @@ pub async fn update(
 }
 
 /// Deletes the user; their categories, tasks and refresh tokens go with them (cascade).
-pub async fn delete(db: &PgPool, id: Uuid) -> Result<bool, ApiError> {
+pub async fn delete(db: &Db, id: Uuid) -> Result<bool, ApiError> {
     let result = sqlx::query("DELETE FROM users WHERE id = $1")
         .bind(id)
         .execute(db)
@@ -196,7 +194,7 @@ pub fn position(user: &User) -> Position {
 }
 
 pub async fn list(
-    db: &PgPool,
+    db: &Db,
     words: &[String],
     page: &PageRequest,
 ) -> Result<(Vec<User>, Option<i64>), ApiError> {
