@@ -2,16 +2,17 @@
 //! (`sslmode=verify-full` with the test's own CA) and a Redis that speaks only TLS (`rediss://`
 //! with `redis.tls_ca`). The API's core flows work over them and readiness says so; a CA that
 //! did not sign the server's certificate stops the worker at start with an error naming the
-//! store.
+//! store. A TLS Redis Cluster (`rediss-cluster://`) and a TLS Sentinel (`rediss-sentinel://`)
+//! serve the cache and idempotency keys.
 
 mod common;
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use common::{
     postgres::PgServer,
     serve_app, test_config,
-    tls::{TestCa, TlsRedis},
+    tls::{TestCa, TlsRedis, TlsRedisCluster, TlsRedisSentinel},
 };
 use reqwest::Method;
 use serde_json::json;
@@ -127,4 +128,90 @@ async fn a_wrong_ca_is_a_start_up_error_naming_the_store() {
         error.contains("TLS to Redis") && error.contains("redis.tls_ca"),
         "{error}"
     );
+}
+
+/// `rediss-cluster://` with `redis.tls_ca`: the worker finds every node over TLS; the cache and
+/// idempotency keys work across the cluster's slots.
+#[tokio::test]
+async fn a_tls_redis_cluster_serves_the_cache_and_idempotency() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "cluster");
+    let cluster = TlsRedisCluster::spawn(&ca).await;
+    let app = common::spawn_app_with(|config| {
+        config.redis.url = cluster.url();
+        config.redis.tls_ca = Some(ca.ca.display().to_string());
+    })
+    .await;
+    let ready = app.get("/health/ready", None).await;
+    let body = ready.expect(200);
+    assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(body["checks"]["redis"]["tls"], true, "{body}");
+    let ada = app.register("ada@example.com").await;
+    let token = ada.token();
+    app.create_task(token, &json!({"title": "clustered"})).await;
+    assert_eq!(
+        app.get("/api/v1/tasks", token).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        app.get("/api/v1/tasks", token).await.header("x-cache"),
+        Some("HIT")
+    );
+    let keyed = || {
+        app.send(
+            app.request(Method::POST, "/api/v1/tasks", token)
+                .header("idempotency-key", "cluster-key")
+                .json(&json!({"title": "keyed"})),
+        )
+    };
+    keyed().await.expect(201);
+    assert_eq!(keyed().await.header("idempotent-replayed"), Some("true"));
+    let keys = cluster.keys(&ca);
+    assert!(
+        keys.iter().filter(|&&n| n > 0).count() >= 2,
+        "the keys did not spread over the nodes: {keys:?}"
+    );
+}
+
+/// `rediss-sentinel://` with `redis.tls_ca`: the worker asks the Sentinel over TLS for the
+/// primary and speaks TLS to it.
+#[tokio::test]
+async fn a_tls_sentinel_leads_to_a_tls_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "sentinel");
+    let sentinel = TlsRedisSentinel::spawn(&ca).await;
+    let app = common::spawn_app_with(|config| {
+        config.redis.url = sentinel.url();
+        config.redis.tls_ca = Some(ca.ca.display().to_string());
+    })
+    .await;
+    let body = app.get("/health/ready", None).await.expect(200).clone();
+    assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(body["checks"]["redis"]["tls"], true, "{body}");
+    let ada = app.register("ada@example.com").await;
+    let token = ada.token();
+    assert_eq!(
+        app.get("/api/v1/tasks", token).await.header("x-cache"),
+        Some("MISS")
+    );
+    assert_eq!(
+        app.get("/api/v1/tasks", token).await.header("x-cache"),
+        Some("HIT")
+    );
+    let keys = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca.ca.display().to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &sentinel.primary.port.to_string(),
+            "dbsize",
+        ])
+        .output()
+        .unwrap();
+    let keys: u64 = String::from_utf8_lossy(&keys.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(keys > 0, "nothing reached the primary the Sentinel names");
 }

@@ -56,7 +56,11 @@ pub struct TlsRedis {
 
 impl TlsRedis {
     pub async fn spawn(ca: &TestCa) -> Self {
-        let port = ports::free_port();
+        Self::spawn_with(ca, ports::free_port(), &[]).await
+    }
+
+    /// On `port`, with more `redis-server` arguments.
+    async fn spawn_with(ca: &TestCa, port: u16, extra: &[String]) -> Self {
         let path = |p: &Path| p.display().to_string();
         let child = Command::new("redis-server")
             .args([
@@ -80,6 +84,7 @@ impl TlsRedis {
                 "no",
             ])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -101,6 +106,176 @@ impl TlsRedis {
 }
 
 impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three TLS-only cluster nodes (`--tls-cluster yes`: the cluster bus and the addresses nodes
+/// announce are TLS too), joined with `redis-cli --tls --cluster create`.
+pub struct TlsRedisCluster {
+    pub nodes: Vec<TlsRedis>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedisCluster {
+    pub async fn spawn(ca: &TestCa) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = ports::free_port();
+            let extra = [
+                "--cluster-enabled".to_owned(),
+                "yes".to_owned(),
+                "--tls-cluster".to_owned(),
+                "yes".to_owned(),
+                "--cluster-config-file".to_owned(),
+                dir.path()
+                    .join(format!("nodes-{port}.conf"))
+                    .display()
+                    .to_string(),
+                "--dir".to_owned(),
+                dir.path().display().to_string(),
+            ];
+            nodes.push(TlsRedis::spawn_with(ca, port, &extra).await);
+        }
+        let cli = |args: &[&str]| {
+            Command::new("redis-cli")
+                .args(["--tls", "--cacert", &ca.ca.display().to_string()])
+                .args(args)
+                .output()
+                .expect("running redis-cli")
+        };
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addresses.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let created = cli(&create);
+        assert!(created.status.success(), "cluster create: {created:?}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for node in &nodes {
+            loop {
+                let info = cli(&[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &node.port.to_string(),
+                    "cluster",
+                    "info",
+                ]);
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the TLS cluster did not form");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    /// How many keys each node holds.
+    pub fn keys(&self, ca: &TestCa) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let out = Command::new("redis-cli")
+                    .args(["--tls", "--cacert", &ca.ca.display().to_string()])
+                    .args(["-h", "127.0.0.1", "-p", &node.port.to_string(), "dbsize"])
+                    .output()
+                    .expect("running redis-cli");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// `rediss-cluster://` URL naming every node.
+    pub fn url(&self) -> String {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        format!(
+            "rediss-cluster://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}",
+            ports[0], ports[1], ports[2]
+        )
+    }
+}
+
+/// A TLS-only primary watched by a TLS-only Sentinel (`tls-replication yes`: the Sentinel talks
+/// TLS to the primary too), quorum 1.
+pub struct TlsRedisSentinel {
+    pub primary: TlsRedis,
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedisSentinel {
+    pub async fn spawn(ca: &TestCa) -> Self {
+        let primary = TlsRedis::spawn(ca).await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = ports::free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor taskd 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds taskd 500\n",
+                dir = dir.path().display(),
+                cert = ca.cert.display(),
+                key = ca.key.display(),
+                ca = ca.ca.display(),
+                primary = primary.port,
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server --sentinel with TLS");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["--tls", "--cacert", &ca.ca.display().to_string()])
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["sentinel", "get-master-addr-by-name", "taskd"])
+                .output()
+                .expect("running redis-cli");
+            if String::from_utf8_lossy(&out.stdout).contains(&primary.port.to_string()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the TLS sentinel did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            primary,
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// `rediss-sentinel://` URL: the Sentinel's address and the service name.
+    pub fn url(&self) -> String {
+        format!(
+            "rediss-sentinel://127.0.0.1:{}?sentinelServiceName=taskd",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsRedisSentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
