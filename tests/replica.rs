@@ -90,10 +90,23 @@ async fn every_read_after_a_write_sees_it_though_the_replica_lags() {
     let seen = replica_count(&app).await;
     assert!(seen < 60, "the replica already had {seen} of 60 tasks");
 
-    // On the other worker, at once: the listing, the single task, the categories.
+    // On the other worker, at once: the listing, a cursor walk, the single task, the categories.
     let listed = peer.get(LIST, token).await;
     assert_eq!(total(&listed), 60, "listing right after the writes");
     assert_eq!(x_cache(&listed), "MISS");
+    let (mut cursor, mut walked) = (String::new(), 0);
+    loop {
+        let page = peer
+            .get(&format!("/api/v1/tasks?limit=25&cursor={cursor}"), token)
+            .await;
+        let body = page.expect(200);
+        walked += body["data"].as_array().unwrap().len();
+        match body["pagination"]["nextCursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(walked, 60, "cursor walk right after the writes");
     let id = last["id"].as_str().unwrap();
     peer.get(&format!("/api/v1/tasks/{id}"), token)
         .await
@@ -144,6 +157,27 @@ async fn every_read_after_a_write_sees_it_though_the_replica_lags() {
     tokio::time::sleep(DELAY + Duration::from_millis(500)).await;
     let later = peer.get(LIST, token).await;
     assert_eq!((x_cache(&later), total(&later)), ("HIT", 61));
+
+    // A keyed create replays on the other worker, and is listed there at once; a password
+    // change ends the old token everywhere.
+    let keyed = |worker: &TestApp| {
+        worker
+            .request(reqwest::Method::POST, "/api/v1/tasks", token)
+            .header("idempotency-key", "replica-key")
+            .json(&json!({"title": "keyed"}))
+    };
+    app.send(keyed(&app)).await.expect(201);
+    let replayed = peer.send(keyed(&peer)).await;
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    assert_eq!(total(&peer.get(LIST, token).await), 62);
+    app.patch(
+        "/api/v1/me",
+        token,
+        &json!({"currentPassword": common::PASSWORD, "password": "another good password"}),
+    )
+    .await
+    .expect(200);
+    common::assert_problem(&peer.get(LIST, token).await, 401);
 }
 
 #[tokio::test]
