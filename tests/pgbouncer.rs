@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::{Resp, TestApp, TestDb, postgres::PgBouncer, serve_app, test_config};
 use futures_util::future::join_all;
-use reqwest::Method;
 use serde_json::json;
 use sqlx::{Connection, Executor, Row};
 
@@ -84,20 +83,7 @@ async fn core_flows_hold_through_pgbouncer_in_transaction_mode() {
         ),
         40
     );
-    let mut cursor = String::new();
-    let mut walked = 0;
-    loop {
-        let page = app
-            .get(&format!("/api/v1/tasks?limit=7&cursor={cursor}"), token)
-            .await;
-        let body = page.expect(200);
-        walked += body["data"].as_array().unwrap().len();
-        match body["pagination"]["nextCursor"].as_str() {
-            Some(next) => cursor = next.to_owned(),
-            None => break,
-        }
-    }
-    assert_eq!(walked, 40, "cursor walk");
+    assert_eq!(app.walk_cursor("/api/v1/tasks?limit=7", token).await, 40);
     let first = listed.body["data"][0]["id"].as_str().unwrap().to_owned();
     app.get(&format!("/api/v1/tasks/{first}"), token)
         .await
@@ -115,27 +101,21 @@ async fn core_flows_hold_through_pgbouncer_in_transaction_mode() {
     );
 
     // Idempotency: a keyed create replays.
-    let keyed = || {
-        app.send(
-            app.request(Method::POST, "/api/v1/tasks", token)
-                .header("idempotency-key", "bouncer-key")
-                .json(&json!({"title": "keyed"})),
-        )
-    };
-    keyed().await.expect(201);
-    assert_eq!(keyed().await.header("idempotent-replayed"), Some("true"));
+    let keyed = json!({"title": "keyed"});
+    let first = app
+        .post_keyed("/api/v1/tasks", token, "bouncer-key", &keyed)
+        .await;
+    first.expect(201);
+    let again = peer
+        .post_keyed("/api/v1/tasks", token, "bouncer-key", &keyed)
+        .await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
 
     // Refresh rotation and re-use, then revocation by a password change.
     let refreshed = peer.refresh(&ada.refresh).await;
     refreshed.expect(200);
     common::assert_problem(&app.refresh(&ada.refresh).await, 401);
-    app.patch(
-        "/api/v1/me",
-        token,
-        &json!({"currentPassword": common::PASSWORD, "password": "another good password"}),
-    )
-    .await
-    .expect(200);
+    app.change_password(token).await;
     common::assert_problem(&peer.get("/api/v1/tasks", token).await, 401);
     app.delete(
         &format!("/api/v1/categories/{}", category["id"].as_str().unwrap()),

@@ -94,18 +94,7 @@ async fn every_read_after_a_write_sees_it_though_the_replica_lags() {
     let listed = peer.get(LIST, token).await;
     assert_eq!(total(&listed), 60, "listing right after the writes");
     assert_eq!(x_cache(&listed), "MISS");
-    let (mut cursor, mut walked) = (String::new(), 0);
-    loop {
-        let page = peer
-            .get(&format!("/api/v1/tasks?limit=25&cursor={cursor}"), token)
-            .await;
-        let body = page.expect(200);
-        walked += body["data"].as_array().unwrap().len();
-        match body["pagination"]["nextCursor"].as_str() {
-            Some(next) => cursor = next.to_owned(),
-            None => break,
-        }
-    }
+    let walked = peer.walk_cursor("/api/v1/tasks?limit=25", token).await;
     assert_eq!(walked, 60, "cursor walk right after the writes");
     let id = last["id"].as_str().unwrap();
     peer.get(&format!("/api/v1/tasks/{id}"), token)
@@ -160,23 +149,17 @@ async fn every_read_after_a_write_sees_it_though_the_replica_lags() {
 
     // A keyed create replays on the other worker, and is listed there at once; a password
     // change ends the old token everywhere.
-    let keyed = |worker: &TestApp| {
-        worker
-            .request(reqwest::Method::POST, "/api/v1/tasks", token)
-            .header("idempotency-key", "replica-key")
-            .json(&json!({"title": "keyed"}))
-    };
-    app.send(keyed(&app)).await.expect(201);
-    let replayed = peer.send(keyed(&peer)).await;
+    let keyed = json!({"title": "keyed"});
+    let first = app
+        .post_keyed("/api/v1/tasks", token, "replica-key", &keyed)
+        .await;
+    first.expect(201);
+    let replayed = peer
+        .post_keyed("/api/v1/tasks", token, "replica-key", &keyed)
+        .await;
     assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
     assert_eq!(total(&peer.get(LIST, token).await), 62);
-    app.patch(
-        "/api/v1/me",
-        token,
-        &json!({"currentPassword": common::PASSWORD, "password": "another good password"}),
-    )
-    .await
-    .expect(200);
+    app.change_password(token).await;
     common::assert_problem(&peer.get(LIST, token).await, 401);
 }
 

@@ -14,7 +14,6 @@ use common::{
     serve_app, test_config,
     tls::{TestCa, TlsRedis, TlsRedisCluster, TlsRedisSentinel},
 };
-use reqwest::Method;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use taskd::{config::Config, worker::AppState};
@@ -74,26 +73,19 @@ async fn core_flows_work_over_verify_full_postgres_and_rediss() {
     assert_eq!(second.header("x-cache"), Some("HIT"));
 
     // An idempotent replay, kept in the TLS Redis.
-    let keyed = || {
-        app.send(
-            app.request(Method::POST, "/api/v1/tasks", token)
-                .header("idempotency-key", "tls-key")
-                .json(&json!({"title": "keyed"})),
-        )
-    };
-    keyed().await.expect(201);
-    let again = keyed().await;
+    let keyed = json!({"title": "keyed"});
+    let first = app
+        .post_keyed("/api/v1/tasks", token, "tls-key", &keyed)
+        .await;
+    first.expect(201);
+    let again = app
+        .post_keyed("/api/v1/tasks", token, "tls-key", &keyed)
+        .await;
     again.expect(201);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
 
     // Revocation: a password change ends the old token at once.
-    app.patch(
-        "/api/v1/me",
-        token,
-        &json!({"currentPassword": common::PASSWORD, "password": "another good password"}),
-    )
-    .await
-    .expect(200);
+    app.change_password(token).await;
     common::assert_problem(&app.get("/api/v1/tasks", token).await, 401);
 }
 
@@ -157,15 +149,15 @@ async fn a_tls_redis_cluster_serves_the_cache_and_idempotency() {
         app.get("/api/v1/tasks", token).await.header("x-cache"),
         Some("HIT")
     );
-    let keyed = || {
-        app.send(
-            app.request(Method::POST, "/api/v1/tasks", token)
-                .header("idempotency-key", "cluster-key")
-                .json(&json!({"title": "keyed"})),
-        )
-    };
-    keyed().await.expect(201);
-    assert_eq!(keyed().await.header("idempotent-replayed"), Some("true"));
+    let keyed = json!({"title": "keyed"});
+    let first = app
+        .post_keyed("/api/v1/tasks", token, "cluster-key", &keyed)
+        .await;
+    first.expect(201);
+    let again = app
+        .post_keyed("/api/v1/tasks", token, "cluster-key", &keyed)
+        .await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
     let keys = cluster.keys(&ca);
     assert!(
         keys.iter().filter(|&&n| n > 0).count() >= 2,

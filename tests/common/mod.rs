@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod expect;
+pub mod flows;
 pub mod ports;
 pub mod postgres;
 pub mod tls;
@@ -261,8 +262,14 @@ impl RedisServer {
     /// A port found free can be taken by another process before the server binds it; the
     /// server then exits at once, and another port is tried.
     async fn spawn_with(extra: impl Fn(u16) -> Vec<String>) -> Self {
+        Self::spawn_on(ports::free_port, extra).await
+    }
+
+    /// [`RedisServer::spawn_with`] on ports from `pick` (a cluster node's bus port must be free
+    /// too: [`ports::free_cluster_port`]).
+    async fn spawn_on(pick: impl Fn() -> u16, extra: impl Fn(u16) -> Vec<String>) -> Self {
         for _ in 0..5 {
-            let port = ports::free_port();
+            let port = pick();
             let mut server = Self {
                 port,
                 child: None,
@@ -391,7 +398,7 @@ impl RedisCluster {
         for _ in 0..3 {
             let path = dir.path().to_owned();
             nodes.push(
-                RedisServer::spawn_with(|port| {
+                RedisServer::spawn_on(ports::free_cluster_port, |port| {
                     let file = path.join(format!("nodes-{port}.conf"));
                     vec![
                         "--cluster-enabled".into(),

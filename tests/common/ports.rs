@@ -17,6 +17,21 @@ pub fn free_port() -> u16 {
     free_port_range(1)
 }
 
+/// A port for a Redis Cluster node: free, and so is its cluster-bus port (the port + 10000),
+/// which stays below the ephemeral range too.
+pub fn free_cluster_port() -> u16 {
+    for _ in 0..200 {
+        let port = rand::random_range(RANGE.start..RANGE.end - 10_000);
+        let free = [port, port + 10_000]
+            .iter()
+            .all(|&p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok());
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port with a free cluster-bus port in {RANGE:?}");
+}
+
 /// The first of `count` consecutive ports that are all free right now.
 pub fn free_port_range(count: u16) -> u16 {
     for _ in 0..200 {

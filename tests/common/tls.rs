@@ -56,11 +56,26 @@ pub struct TlsRedis {
 
 impl TlsRedis {
     pub async fn spawn(ca: &TestCa) -> Self {
-        Self::spawn_with(ca, ports::free_port(), &[]).await
+        Self::spawn_with(ca, ports::free_port, |_| Vec::new()).await
     }
 
-    /// On `port`, with more `redis-server` arguments.
-    async fn spawn_with(ca: &TestCa, port: u16, extra: &[String]) -> Self {
+    /// On a port from `pick`, with more `redis-server` arguments made from it. A port found
+    /// free can be taken before the server binds it; the server then exits, and another is tried.
+    async fn spawn_with(
+        ca: &TestCa,
+        pick: impl Fn() -> u16,
+        extra: impl Fn(u16) -> Vec<String>,
+    ) -> Self {
+        for _ in 0..5 {
+            let port = pick();
+            if let Some(server) = Self::try_spawn(ca, port, &extra(port)).await {
+                return server;
+            }
+        }
+        panic!("TLS redis-server did not start on any of 5 free ports");
+    }
+
+    async fn try_spawn(ca: &TestCa, port: u16, extra: &[String]) -> Option<Self> {
         let path = |p: &Path| p.display().to_string();
         let child = Command::new("redis-server")
             .args([
@@ -90,13 +105,16 @@ impl TlsRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting redis-server with TLS");
-        let server = Self { port, child };
+        let mut server = Self { port, child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "TLS redis-server did not start");
+            let exited = server.child.try_wait().ok().flatten().is_some();
+            if exited || Instant::now() > deadline {
+                return None;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        server
+        Some(server)
     }
 
     /// `rediss://localhost:<port>`
@@ -124,21 +142,22 @@ impl TlsRedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let port = ports::free_port();
-            let extra = [
-                "--cluster-enabled".to_owned(),
-                "yes".to_owned(),
-                "--tls-cluster".to_owned(),
-                "yes".to_owned(),
-                "--cluster-config-file".to_owned(),
-                dir.path()
-                    .join(format!("nodes-{port}.conf"))
-                    .display()
-                    .to_string(),
-                "--dir".to_owned(),
-                dir.path().display().to_string(),
-            ];
-            nodes.push(TlsRedis::spawn_with(ca, port, &extra).await);
+            let path = dir.path().to_owned();
+            let extra = move |port: u16| {
+                vec![
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--tls-cluster".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-config-file".to_owned(),
+                    path.join(format!("nodes-{port}.conf"))
+                        .display()
+                        .to_string(),
+                    "--dir".to_owned(),
+                    path.display().to_string(),
+                ]
+            };
+            nodes.push(TlsRedis::spawn_with(ca, ports::free_cluster_port, extra).await);
         }
         let cli = |args: &[&str]| {
             Command::new("redis-cli")
