@@ -469,21 +469,7 @@ async fn accept_loop(
     );
     let mut sweeps = tokio::time::interval(sweeper.period());
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        // A connection slot first (`proxy.max_connections`): without one, connections wait in
-        // the kernel's backlog. Sweeps go on meanwhile; they are what frees slots.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = sweeps.tick() => {
-                sweeper.sweep();
-                continue;
-            }
-            permit = shared.connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -501,6 +487,22 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        // Then a connection slot (`proxy.max_connections`), before the next accept: past the
+        // limit, one connection per serving thread waits here and the rest in the kernel's
+        // backlog. (A slot taken before accepting would sit idle in a thread whose socket gets
+        // no connection while another thread's connections wait.) Sweeps go on meanwhile;
+        // they are what frees slots.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'accept,
+                _ = sweeps.tick() => sweeper.sweep(),
+                permit = shared.connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => break permit,
+                    Err(_) => break 'accept,
+                },
+            }
         };
         let _ = stream.set_nodelay(true);
         let peer = Peer::new(peer.ip(), shared.is_trusted(peer.ip()));
