@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use common::{
     postgres::PgServer,
@@ -34,6 +34,20 @@ fn tls_config(pg: &PgServer, redis: &TlsRedis, pg_ca: &TestCa, redis_ca: &TestCa
     config.redis.url = redis.url();
     config.redis.tls_ca = Some(redis_ca.ca.display().to_string());
     config
+}
+
+/// A worker whose Redis is `url` (trusting `ca`); asserts readiness `ok` with `redis.tls`.
+async fn app_on_tls_redis(url: String, ca: &TestCa) -> common::TestApp {
+    let ca_path = ca.ca.display().to_string();
+    let app = common::spawn_app_with(|config| {
+        config.redis.url = url;
+        config.redis.tls_ca = Some(ca_path);
+    })
+    .await;
+    let body = app.get("/health/ready", None).await.expect(200).clone();
+    assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(body["checks"]["redis"]["tls"], true, "{body}");
+    app
 }
 
 #[tokio::test]
@@ -129,15 +143,7 @@ async fn a_tls_redis_cluster_serves_the_cache_and_idempotency() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "cluster");
     let cluster = TlsRedisCluster::spawn(&ca).await;
-    let app = common::spawn_app_with(|config| {
-        config.redis.url = cluster.url();
-        config.redis.tls_ca = Some(ca.ca.display().to_string());
-    })
-    .await;
-    let ready = app.get("/health/ready", None).await;
-    let body = ready.expect(200);
-    assert_eq!(body["status"], "ok", "{body}");
-    assert_eq!(body["checks"]["redis"]["tls"], true, "{body}");
+    let app = app_on_tls_redis(cluster.url(), &ca).await;
     let ada = app.register("ada@example.com").await;
     let token = ada.token();
     app.create_task(token, &json!({"title": "clustered"})).await;
@@ -181,14 +187,7 @@ async fn a_tls_sentinel_leads_to_a_tls_primary() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(dir.path(), "sentinel");
     let sentinel = TlsRedisSentinel::spawn(&ca).await;
-    let app = common::spawn_app_with(|config| {
-        config.redis.url = sentinel.url();
-        config.redis.tls_ca = Some(ca.ca.display().to_string());
-    })
-    .await;
-    let body = app.get("/health/ready", None).await.expect(200).clone();
-    assert_eq!(body["status"], "ok", "{body}");
-    assert_eq!(body["checks"]["redis"]["tls"], true, "{body}");
+    let app = app_on_tls_redis(sentinel.url(), &ca).await;
     let ada = app.register("ada@example.com").await;
     let token = ada.token();
     assert_eq!(
@@ -199,20 +198,6 @@ async fn a_tls_sentinel_leads_to_a_tls_primary() {
         app.get("/api/v1/tasks", token).await.header("x-cache"),
         Some("HIT")
     );
-    let keys = Command::new("redis-cli")
-        .args(["--tls", "--cacert", &ca.ca.display().to_string()])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &sentinel.primary.port.to_string(),
-            "dbsize",
-        ])
-        .output()
-        .unwrap();
-    let keys: u64 = String::from_utf8_lossy(&keys.stdout)
-        .trim()
-        .parse()
-        .unwrap();
+    let keys = ca.dbsize(sentinel.primary.port);
     assert!(keys > 0, "nothing reached the primary the Sentinel names");
 }

@@ -66,6 +66,15 @@ fn run(mut command: Command, what: &str) {
     );
 }
 
+/// A new cluster in `data`, trust-authenticated, superuser `postgres`.
+fn initdb(data: &Path) {
+    let mut init = command("initdb");
+    init.arg("-D")
+        .arg(data)
+        .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]);
+    run(init, "initdb");
+}
+
 fn chown(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
@@ -135,17 +144,7 @@ impl PgServer {
     pub async fn spawn_tls(dir: &Path, ca: &super::tls::TestCa) -> Self {
         chown(dir);
         let data = dir.join("tls-data");
-        let mut init = command("initdb");
-        init.arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ]);
-        run(init, "initdb");
+        initdb(&data);
         for (from, to) in [(&ca.cert, "server.crt"), (&ca.key, "server.key")] {
             std::fs::copy(from, data.join(to)).unwrap();
             chown(&data.join(to));
@@ -201,17 +200,7 @@ impl PgReplicaSet {
         let dir = tempfile::tempdir().expect("a directory for the servers");
         chown(dir.path());
         let data = dir.path().join("primary");
-        let mut init = command("initdb");
-        init.arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-            "-E",
-            "UTF8",
-        ]);
-        run(init, "initdb");
+        initdb(&data);
         let port = ports::free_port();
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\

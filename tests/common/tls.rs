@@ -48,6 +48,26 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// `redis-cli --tls` trusting this CA, with `args`.
+    pub fn redis_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("redis-cli")
+            .args(["--tls", "--cacert", &self.ca.display().to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli")
+    }
+
+    /// `DBSIZE` of the TLS server on 127.0.0.1:`port` (0 when it does not answer).
+    pub fn dbsize(&self, port: u16) -> u64 {
+        let out = self.redis_cli(&["-h", "127.0.0.1", "-p", &port.to_string(), "dbsize"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
 /// A `redis-server` that listens for TLS only (`--port 0 --tls-port`), killed with this guard.
 pub struct TlsRedis {
     pub port: u16,
@@ -159,13 +179,7 @@ impl TlsRedisCluster {
             };
             nodes.push(TlsRedis::spawn_with(ca, ports::free_cluster_port, extra).await);
         }
-        let cli = |args: &[&str]| {
-            Command::new("redis-cli")
-                .args(["--tls", "--cacert", &ca.ca.display().to_string()])
-                .args(args)
-                .output()
-                .expect("running redis-cli")
-        };
+        let cli = |args: &[&str]| ca.redis_cli(args);
         let addresses: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -198,20 +212,7 @@ impl TlsRedisCluster {
 
     /// How many keys each node holds.
     pub fn keys(&self, ca: &TestCa) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .map(|node| {
-                let out = Command::new("redis-cli")
-                    .args(["--tls", "--cacert", &ca.ca.display().to_string()])
-                    .args(["-h", "127.0.0.1", "-p", &node.port.to_string(), "dbsize"])
-                    .output()
-                    .expect("running redis-cli");
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .unwrap_or(0)
-            })
-            .collect()
+        self.nodes.iter().map(|node| ca.dbsize(node.port)).collect()
     }
 
     /// `rediss-cluster://` URL naming every node.
@@ -265,12 +266,16 @@ impl TlsRedisSentinel {
             .expect("starting redis-server --sentinel with TLS");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = Command::new("redis-cli")
-                .args(["--tls", "--cacert", &ca.ca.display().to_string()])
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .args(["sentinel", "get-master-addr-by-name", "taskd"])
-                .output()
-                .expect("running redis-cli");
+            let port = port.to_string();
+            let out = ca.redis_cli(&[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "sentinel",
+                "get-master-addr-by-name",
+                "taskd",
+            ]);
             if String::from_utf8_lossy(&out.stdout).contains(&primary.port.to_string()) {
                 break;
             }
