@@ -9,7 +9,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -540,6 +540,23 @@ pub struct SupervisorConfig {
     /// `min_uptime` and supervisord's `startsecs`.
     #[serde(with = "humantime_serde")]
     pub min_uptime: Duration,
+    /// Private PostgreSQL and Redis for a machine that has the servers installed but not
+    /// running (`supervisor::stores`). `auto`: started when `database.url` / `redis.url` are the
+    /// defaults and nothing answers there; `always`: started whatever answers (on free ports
+    /// when the default ones are taken); `never`: only the configured URLs. Default `auto`.
+    pub stores: StoresMode,
+    /// Where the private stores keep their data and logs (kept between runs). Default `.taskd`,
+    /// relative to the working directory.
+    pub stores_dir: PathBuf,
+}
+
+/// `supervisor.stores`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoresMode {
+    Auto,
+    Always,
+    Never,
 }
 
 impl Default for SupervisorConfig {
@@ -555,6 +572,8 @@ impl Default for SupervisorConfig {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             min_uptime: Duration::from_secs(2),
+            stores: StoresMode::Auto,
+            stores_dir: PathBuf::from(".taskd"),
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod instance;
 pub mod probe;
 pub mod process;
 pub mod status;
+pub mod stores;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -55,13 +56,13 @@ use self::{
 /// `taskd serve`: runs until `shutdown`, then stops the proxy (in-flight requests finish) and
 /// then the workers.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     launch: Launch,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     // Before anything else: SIGHUP's default action would kill the supervisor.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let sup = config.supervisor.clone();
     let proxy = Proxy::new(ProxyConfig {
@@ -95,7 +96,7 @@ pub async fn run(
             )
         })?;
     }
-    let mut spare = sup.base_port.saturating_add(sup.instances);
+    let spare = sup.base_port.saturating_add(sup.instances);
     if check_port(spare).is_err() {
         tracing::warn!(
             port = spare,
@@ -103,72 +104,132 @@ pub async fn run(
         );
     }
 
-    tokio::select! {
-        migrated = crate::db::migrate(&config.database) => {
-            migrated.context("applying migrations before starting workers")?;
-        }
+    let stores = tokio::select! {
+        stores = stores::start(&mut config) => stores?,
         _ = shutdown.cancelled() => return Ok(()),
-    }
-
-    let board = Arc::new(Board::new(sup.instances, sup.base_port));
-    let shared = Arc::new(instance::Shared {
+    };
+    let launch = launch.with_env(stores.worker_env());
+    let cluster = Cluster {
+        config,
+        proxy,
         launch,
-        proxy: proxy.clone(),
-        config: sup.clone(),
-        board: board.clone(),
-    });
-    let workers_stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut controls = Vec::new();
-    for index in 0..board.len() {
-        let (tx, rx) = mpsc::channel(1);
-        controls.push(tx);
-        tracker.spawn(instance::run(
-            shared.clone(),
-            index,
-            rx,
-            workers_stop.clone(),
-        ));
-    }
-    tracker.close();
-
-    let proxy_addr = listeners.local_addr();
-    let admin_addr = admin_listener.local_addr()?;
-    let admin_task = tokio::spawn(admin::serve(
+        listeners,
         admin_listener,
-        admin::router(proxy.clone(), Some(board.clone())),
-        shutdown.clone(),
-    ));
-    let proxy_task = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
+        spare,
+        started,
+        stores: stores.describe(),
+    };
+    let result = cluster.run(hangup, shutdown).await;
+    stores.stop().await;
+    result
+}
 
-    let all_ready = wait_all_ready(&board, sup.start_timeout, &shutdown).await;
-    if !shutdown.is_cancelled() {
-        print_banner(&board, proxy_addr, admin_addr, started.elapsed(), all_ready);
-    }
+/// What [`run`] has set up before the workers start: the bound listeners and the stores.
+struct Cluster {
+    config: Config,
+    proxy: Proxy,
+    launch: Launch,
+    listeners: Listeners,
+    admin_listener: tokio::net::TcpListener,
+    spare: u16,
+    started: Instant,
+    /// The banner's line on the private stores, if any run.
+    stores: Option<String>,
+}
 
-    loop {
+impl Cluster {
+    /// Migrations, the workers, the proxy and admin listener, the signal loop, and the stop
+    /// in order: proxy, workers (the stores after them, in [`run`]).
+    async fn run(
+        self,
+        mut hangup: tokio::signal::unix::Signal,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Cluster {
+            config,
+            proxy,
+            launch,
+            listeners,
+            admin_listener,
+            mut spare,
+            started,
+            stores,
+        } = self;
+        let sup = config.supervisor.clone();
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = hangup.recv() => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    free = rolling_restart(&controls, spare) => spare = free,
+            migrated = crate::db::migrate(&config.database) => {
+                migrated.context("applying migrations before starting workers")?;
+            }
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+
+        let board = Arc::new(Board::new(sup.instances, sup.base_port));
+        let shared = Arc::new(instance::Shared {
+            launch,
+            proxy: proxy.clone(),
+            config: sup.clone(),
+            board: board.clone(),
+        });
+        let workers_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut controls = Vec::new();
+        for index in 0..board.len() {
+            let (tx, rx) = mpsc::channel(1);
+            controls.push(tx);
+            tracker.spawn(instance::run(
+                shared.clone(),
+                index,
+                rx,
+                workers_stop.clone(),
+            ));
+        }
+        tracker.close();
+
+        let proxy_addr = listeners.local_addr();
+        let admin_addr = admin_listener.local_addr()?;
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin::router(proxy.clone(), Some(board.clone())),
+            shutdown.clone(),
+        ));
+        let proxy_task = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
+
+        let all_ready = wait_all_ready(&board, sup.start_timeout, &shutdown).await;
+        if !shutdown.is_cancelled() {
+            print_banner(
+                &board,
+                proxy_addr,
+                admin_addr,
+                started.elapsed(),
+                all_ready,
+                stores.as_deref(),
+            );
+        }
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = hangup.recv() => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        free = rolling_restart(&controls, spare) => spare = free,
+                    }
                 }
             }
         }
-    }
 
-    tracing::info!("stopping: proxy first (in-flight requests finish), then workers");
-    match proxy_task.await {
-        Ok(Err(error)) => tracing::error!("proxy: {error:#}"),
-        Err(error) => tracing::error!(%error, "proxy task failed"),
-        Ok(Ok(())) => {}
+        tracing::info!("stopping: proxy first (in-flight requests finish), then workers");
+        match proxy_task.await {
+            Ok(Err(error)) => tracing::error!("proxy: {error:#}"),
+            Err(error) => tracing::error!(%error, "proxy task failed"),
+            Ok(Ok(())) => {}
+        }
+        workers_stop.cancel();
+        tracker.wait().await;
+        let _ = admin_task.await;
+        tracing::info!("taskd serve stopped");
+        Ok(())
     }
-    workers_stop.cancel();
-    tracker.wait().await;
-    let _ = admin_task.await;
-    tracing::info!("taskd serve stopped");
-    Ok(())
 }
 
 /// Fails when something listens on (or holds) `127.0.0.1:port`.
@@ -226,6 +287,7 @@ fn print_banner(
     admin: SocketAddr,
     took: Duration,
     all_ready: bool,
+    stores: Option<&str>,
 ) {
     let local = |addr: SocketAddr| {
         if addr.ip().is_unspecified() {
@@ -256,6 +318,11 @@ fn print_banner(
     for w in &workers {
         let pid = w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
         text.push_str(&format!(" {} 127.0.0.1:{} (pid {pid}) ", w.id, w.port));
+    }
+    if let Some(stores) = stores {
+        text.push_str(&format!(
+            "\n  Stores     {stores}    (private, stopped with taskd serve)"
+        ));
     }
     text.push_str(
         "\n  Signals    SIGHUP: rolling restart, zero downtime    SIGTERM / Ctrl-C: graceful stop\n",

@@ -40,6 +40,8 @@ pub struct Launch {
     /// Four multi-threaded workers on two cores spend their time switching (measured: 25 % more
     /// cached-list throughput through the cluster with one thread each).
     worker_threads: usize,
+    /// Extra environment for every worker: the private stores' URLs (`stores`).
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Launch {
@@ -76,7 +78,14 @@ impl Launch {
             global,
             json_logs: telemetry.log_format == LogFormat::Json,
             worker_threads,
+            env: Vec::new(),
         })
+    }
+
+    /// The same launch with `env` added to every worker's environment.
+    pub fn with_env(mut self, env: Vec<(OsString, OsString)>) -> Self {
+        self.env.extend(env);
+        self
     }
 }
 
@@ -103,6 +112,7 @@ impl WorkerProcess {
             .arg("--instance-id")
             .arg(id)
             .env("TASKD_WORKER__THREADS", launch.worker_threads.to_string())
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
