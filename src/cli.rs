@@ -219,6 +219,7 @@ pub fn run(cli: Cli) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     crate::telemetry::init(&config.telemetry);
+    let config_json = config.telemetry.log_format == crate::config::LogFormat::Json;
     // The proxy serves clients on threads of its own; its main runtime only runs health checks,
     // the admin listener and (under `serve`) the supervisor, so one thread is enough.
     let runtime = match &cli.command {
@@ -247,9 +248,14 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = runtime.block_on(dispatch(cli.command, cli.config.as_deref(), config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // One line: a JSON log line for JSON logs (what a log pipeline reads), else plain text
+        // on stderr.
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("taskd: {error:#}");
+            if config_json {
+                tracing::error!("{error:#}");
+            } else {
+                eprintln!("taskd: {error:#}");
+            }
             ExitCode::FAILURE
         }
     }

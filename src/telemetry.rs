@@ -11,7 +11,15 @@ use crate::config::{LogFormat, TelemetryConfig};
 /// may) keeps the first one.
 pub fn init(config: &TelemetryConfig) {
     let ansi = std::io::stderr().is_terminal();
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter =
+        EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's NOTICEs ("relation _sqlx_migrations already exists, skipping", once per
+    // process that migrates) are not news at INFO; a filter that names sqlx decides itself.
+    if !config.log_level.contains("sqlx") {
+        if let Ok(directive) = "sqlx::postgres::notice=warn".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let registry = tracing_subscriber::registry().with(filter);
     let result = match config.log_format {
         LogFormat::Json => registry
