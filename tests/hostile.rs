@@ -292,7 +292,7 @@ async fn timestamps_out_of_range_are_422_and_cursors_round_trip() {
                     ada.token(),
                 )
                 .await;
-            // A malformed query parameter is a 400 (SPEC §4), a bad body field a 422.
+            // A malformed query parameter is a 400 (docs/contract.md §4), a bad body field a 422.
             assert_problem(&resp, 400);
             assert!(resp.text.contains(param), "{}", resp.text);
         }

@@ -51,7 +51,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: 
     }
 }
 
-/// The `/status` document of SPEC §5.
+/// The `/status` document of docs/contract.md §5.
 pub fn status_document(proxy: &Proxy, extension: Option<&dyn AdminExtension>) -> Value {
     let mut doc = json!({
         "version": env!("CARGO_PKG_VERSION"),

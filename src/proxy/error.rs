@@ -29,7 +29,7 @@ pub enum ProxyError {
     /// The client stopped sending its request body for `proxy.body_timeout`.
     #[error("the request body stalled")]
     BodyTimeout,
-    /// A path the public listener does not forward (the workers' `/metrics`, SPEC §8).
+    /// A path the public listener does not forward (the workers' `/metrics`, docs/contract.md §8).
     #[error("not served on the public listener")]
     NotFound,
 }

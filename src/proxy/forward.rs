@@ -91,7 +91,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Applies SPEC §5's header rules to a request about to be forwarded; returns its request id.
+/// Applies the header rules of docs/contract.md §5 to a request about to be forwarded; returns its request id.
 /// (Each header is looked up once: these lookups are a good part of the proxy's own work.)
 pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> HeaderValue {
     strip_hop_by_hop(headers);
@@ -174,7 +174,7 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex digits are a valid header")
 }
 
-/// Whether a request that reached an upstream may be sent again (SPEC §5).
+/// Whether a request that reached an upstream may be sent again (docs/contract.md §5).
 fn may_resend(method: &Method, headers: &HeaderMap) -> bool {
     matches!(
         *method,

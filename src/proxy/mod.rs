@@ -117,7 +117,7 @@ impl Shared {
     }
 
     /// The next upstream to try: round-robin or least-connections over the available ones not
-    /// tried yet; when none is available, any not draining (SPEC: still try before a 503).
+    /// tried yet; when none is available, any not draining (docs/contract.md §5: still try before a 503).
     fn pick(&self, upstreams: &[Arc<Upstream>], tried: &[usize]) -> Option<usize> {
         let n = upstreams.len();
         if n == 0 {

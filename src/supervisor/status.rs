@@ -1,4 +1,4 @@
-//! What the supervisor shows about its workers: the `workers` part of `/status` (SPEC §5),
+//! What the supervisor shows about its workers: the `workers` part of `/status` (docs/contract.md §5),
 //! worker metrics on `/metrics`, and the dashboard at `/` of the admin listener.
 
 use std::{

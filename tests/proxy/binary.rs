@@ -131,7 +131,7 @@ async fn binary_on_a_busy_port_fails_naming_the_address() {
     drop(busy);
 }
 
-/// SPEC §8: the public listener answers `/metrics` itself with a 404 problem; the upstream
+/// docs/contract.md §8: the public listener answers `/metrics` itself with a 404 problem; the upstream
 /// never sees the request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_listener_does_not_serve_worker_metrics() {

@@ -1,4 +1,4 @@
-//! Integration tests of the load balancer (SPEC §5) over real sockets: the proxy runs in-process
+//! Integration tests of the load balancer (docs/contract.md §5) over real sockets: the proxy runs in-process
 //! on port 0 with its real serving threads, in front of small hyper upstreams spawned by each
 //! test, and every assertion is about what a client (or an upstream, or an operator reading
 //! `/status` and `/metrics`) would observe. The harness is here; the tests are in one file per
