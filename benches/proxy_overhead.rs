@@ -1,4 +1,4 @@
-//! Proxy overhead (SPEC §7): a request straight to an upstream vs the same request through
+//! Proxy overhead (docs/contract.md §7): a request straight to an upstream vs the same request through
 //! `taskd proxy`, both in this process over real loopback sockets.
 //!
 //!   cargo bench --bench proxy_overhead

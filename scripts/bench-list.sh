@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Uncached task-listing benchmark (SPEC §7, "uncached list"):
+# Uncached task-listing benchmark (docs/contract.md §7, "uncached list"):
 #   1 000 000 tasks, 10 000 of them owned by the user asking; filtered, sorted and searched first
 #   pages must answer with p95 < 20 ms on a 2-core machine, and the plans must use indexes.
 #

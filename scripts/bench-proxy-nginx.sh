@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# taskd proxy vs NGINX in front of the same workers, same run (SPEC §7 "proxy vs NGINX":
+# taskd proxy vs NGINX in front of the same workers, same run (docs/contract.md §7 "proxy vs NGINX":
 # taskd's throughput >= NGINX's and p99 <= NGINX's at 64 keep-alive connections).
 #
 #   bash scripts/bench-proxy-nginx.sh
@@ -198,7 +198,7 @@ $NGINX_SERVERS
             proxy_pass http://taskd_workers;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            # The headers taskd proxy sets (SPEC §5): Host kept, X-Forwarded-For replaced by the
+            # The headers taskd proxy sets (docs/contract.md §5): Host kept, X-Forwarded-For replaced by the
             # peer (clients are untrusted), X-Forwarded-Proto/Host, X-Request-Id when absent.
             proxy_set_header Host \$http_host;
             proxy_set_header X-Forwarded-For \$remote_addr;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load run against one worker, then its memory: the "worker RSS < 50 MiB after a load run"
-# target of SPEC §7. Targets 127.0.0.1 only; bounded by DURATION per phase.
+# target of docs/contract.md §7. Targets 127.0.0.1 only; bounded by DURATION per phase.
 #
 #   bash scripts/load-worker.sh        (DURATION=20 CONNECTIONS=64 PORT=3960 to change)
 #
