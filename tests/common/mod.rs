@@ -8,12 +8,14 @@
 //! Every test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod expect;
 pub mod flows;
 pub mod ports;
 pub mod postgres;
 pub mod redis;
 pub mod tls;
+pub mod walkthrough;
 
 // Not every test binary uses every server.
 #[allow(unused_imports)]
