@@ -49,3 +49,86 @@ async fn wait_for_signal() -> &'static str {
     let _ = tokio::signal::ctrl_c().await;
     "Ctrl-C"
 }
+
+/// The long-lived tasks of a process (the proxy's listeners, the admin listener): none of them
+/// should end before shutdown, and when one does the process must not go on without it (a
+/// cluster nobody can reach). [`first_to_end`](Self::first_to_end) says which one ended and why.
+#[derive(Default)]
+pub struct Watched {
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+}
+
+impl Watched {
+    /// Spawns `task` under `name` (used in the error when it ends).
+    pub fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.tasks.push((name, tokio::spawn(task)));
+    }
+
+    /// Waits until one task ends, removes it and returns why: its error, its panic, or that it
+    /// returned early. Pending forever when there are none. Cancel-safe.
+    pub async fn first_to_end(&mut self) -> anyhow::Error {
+        if self.tasks.is_empty() {
+            return std::future::pending().await;
+        }
+        let (ended, index, _) =
+            futures_util::future::select_all(self.tasks.iter_mut().map(|(_, task)| task)).await;
+        let (name, _) = self.tasks.swap_remove(index);
+        match ended {
+            Ok(Ok(())) => anyhow::anyhow!("the {name} stopped unexpectedly"),
+            Ok(Err(error)) => error.context(format!("the {name} failed")),
+            Err(error) if error.is_panic() => anyhow::anyhow!("the {name} panicked: {error}"),
+            Err(error) => anyhow::anyhow!("the {name} was cancelled: {error}"),
+        }
+    }
+
+    /// Waits for every task still running (after the shutdown token they watch is cancelled);
+    /// logs any that failed.
+    pub async fn join(self) {
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!("the {name} failed: {error:#}"),
+                Err(error) => tracing::error!(%error, "the {name} task failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn first_to_end_names_the_task_that_panicked_and_why() {
+        let mut watched = Watched::default();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        watched.spawn("listener", async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        watched.spawn("admin listener", async { panic!("boom") });
+        let error = watched.first_to_end().await.to_string();
+        assert!(
+            error.starts_with("the admin listener panicked") && error.contains("boom"),
+            "{error}"
+        );
+        stop.cancel();
+        watched.join().await;
+    }
+
+    #[tokio::test]
+    async fn first_to_end_keeps_an_error_and_an_early_return() {
+        let mut watched = Watched::default();
+        watched.spawn("proxy", async { anyhow::bail!("accept failed") });
+        let error = watched.first_to_end().await;
+        assert_eq!(format!("{error:#}"), "the proxy failed: accept failed");
+        watched.spawn("proxy", async { Ok(()) });
+        let error = watched.first_to_end().await;
+        assert_eq!(error.to_string(), "the proxy stopped unexpectedly");
+    }
+}

@@ -42,13 +42,15 @@ pub fn router(proxy: Proxy, extension: Option<Arc<dyn AdminExtension>>) -> Route
 }
 
 /// Serves the admin routes until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router)
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "admin listener failed");
-    }
+        .await?;
+    Ok(())
 }
 
 /// The `/status` document of docs/contract.md §5.

@@ -597,12 +597,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         threads = proxy.threads(),
         "proxy listening"
     );
-    let admin_task = tokio::spawn(admin::serve(
-        admin,
-        admin::router(proxy.clone(), None),
-        shutdown.clone(),
-    ));
-    proxy.serve(listeners, shutdown).await?;
-    let _ = admin_task.await;
-    Ok(())
+    // Each stops on `shutdown`, or when the other one ends: a proxy whose admin listener died
+    // cannot be watched, and an admin listener alone serves nobody.
+    let serving = shutdown.child_token();
+    let mut watched = crate::shutdown::Watched::default();
+    watched.spawn(
+        "admin listener",
+        admin::serve(admin, admin::router(proxy.clone(), None), serving.clone()),
+    );
+    watched.spawn("proxy", proxy.serve(listeners, serving.clone()));
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            watched.join().await;
+            Ok(())
+        }
+        failed = watched.first_to_end() => {
+            tracing::error!("{failed:#}; stopping");
+            serving.cancel();
+            watched.join().await;
+            Err(failed)
+        }
+    }
 }

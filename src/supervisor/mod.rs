@@ -44,6 +44,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{Config, ProxyConfig},
     proxy::{Listeners, Proxy, admin},
+    shutdown::Watched,
 };
 
 pub use process::Launch;
@@ -187,14 +188,26 @@ impl Cluster {
 
         let proxy_addr = listeners.local_addr();
         let admin_addr = admin_listener.local_addr()?;
-        let admin_task = tokio::spawn(admin::serve(
-            admin_listener,
-            admin::router(proxy.clone(), Some(board.clone())),
-            shutdown.clone(),
-        ));
-        let proxy_task = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
+        // The proxy and the admin listener stop on `shutdown`, or when the other one ends.
+        let serving = shutdown.child_token();
+        let mut watched = Watched::default();
+        watched.spawn(
+            "admin listener",
+            admin::serve(
+                admin_listener,
+                admin::router(proxy.clone(), Some(board.clone())),
+                serving.clone(),
+            ),
+        );
+        watched.spawn("proxy", proxy.clone().serve(listeners, serving.clone()));
 
-        let all_ready = wait_all_ready(&board, sup.start_timeout, &shutdown).await;
+        let all_ready = tokio::select! {
+            biased;
+            ready = wait_all_ready(&board, sup.start_timeout, &shutdown) => ready,
+            failed = watched.first_to_end() => {
+                return stop_on_failure(failed, serving, watched, workers_stop, tracker).await;
+            }
+        };
         if !shutdown.is_cancelled() {
             print_banner(
                 &board,
@@ -207,29 +220,51 @@ impl Cluster {
         }
 
         loop {
-            tokio::select! {
+            // Biased: after SIGTERM the proxy ends by design, which is no failure.
+            let failed = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                failed = watched.first_to_end() => failed,
                 _ = hangup.recv() => {
                     tokio::select! {
+                        biased;
                         _ = shutdown.cancelled() => break,
-                        free = rolling_restart(&controls, spare) => spare = free,
+                        failed = watched.first_to_end() => failed,
+                        free = rolling_restart(&controls, spare) => {
+                            spare = free;
+                            continue;
+                        }
                     }
                 }
-            }
+            };
+            return stop_on_failure(failed, serving, watched, workers_stop, tracker).await;
         }
 
         tracing::info!("stopping: proxy first (in-flight requests finish), then workers");
-        match proxy_task.await {
-            Ok(Err(error)) => tracing::error!("proxy: {error:#}"),
-            Err(error) => tracing::error!(%error, "proxy task failed"),
-            Ok(Ok(())) => {}
-        }
+        watched.join().await;
         workers_stop.cancel();
         tracker.wait().await;
-        let _ = admin_task.await;
         tracing::info!("taskd serve stopped");
         Ok(())
     }
+}
+
+/// The proxy or the admin listener ended before shutdown: workers nobody can reach (or nobody
+/// can watch) are no cluster. Stops the rest in the usual order and returns the failure, so
+/// `taskd serve` exits non-zero saying which part stopped and why.
+async fn stop_on_failure(
+    failed: anyhow::Error,
+    serving: CancellationToken,
+    watched: Watched,
+    workers_stop: CancellationToken,
+    tracker: TaskTracker,
+) -> anyhow::Result<()> {
+    tracing::error!("{failed:#}; stopping the cluster");
+    serving.cancel();
+    watched.join().await;
+    workers_stop.cancel();
+    tracker.wait().await;
+    Err(failed)
 }
 
 /// Fails when something listens on (or holds) `127.0.0.1:port`.
