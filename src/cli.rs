@@ -50,7 +50,7 @@ pub enum Command {
     /// Print the effective configuration (secrets redacted); exit non-zero when it is invalid.
     Config,
     /// Load realistic demo or benchmark data: users with categories and tasks.
-    Seed(SeedArgs),
+    Seed(crate::seed::SeedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,19 +122,6 @@ pub enum UserCommand {
         #[arg(long, default_value = "free", value_parser = parse_tier)]
         tier: Tier,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct SeedArgs {
-    /// Users to create (`seed-<n>@example.com`).
-    #[arg(long, default_value_t = 10)]
-    pub users: u32,
-    /// Tasks per user.
-    #[arg(long, default_value_t = 100)]
-    pub tasks_per_user: u32,
-    /// Password of every seeded user.
-    #[arg(long, default_value = "seed-password")]
-    pub password: String,
 }
 
 fn parse_role(raw: &str) -> Result<Role, String> {
@@ -295,6 +282,8 @@ async fn dispatch(
     }
 }
 
+/// `taskd user create`: the password from `TASKD_PASSWORD` or the first line of stdin; prints
+/// the user as JSON.
 async fn create_user(
     config: &Config,
     email: &str,
@@ -302,7 +291,6 @@ async fn create_user(
     role: Role,
     tier: Tier,
 ) -> anyhow::Result<()> {
-    use crate::worker::{store, tokens::Passwords};
     let password = match std::env::var("TASKD_PASSWORD") {
         Ok(password) => password,
         Err(_) => {
@@ -314,25 +302,8 @@ async fn create_user(
             line.trim_end_matches(['\r', '\n']).to_owned()
         }
     };
-    let email = crate::worker::model::normalize_email(email)
-        .map_err(|e| anyhow::anyhow!("--email {}", e.message))?;
-    crate::worker::model::check_password("password", &password)
-        .map_err(|e| anyhow::anyhow!("the password {}", e.message))?;
-    let name = name.map_or_else(
-        || email.split('@').next().unwrap_or("user").to_owned(),
-        str::to_owned,
-    );
-    let name = crate::worker::model::check_name(&name)
-        .map_err(|e| anyhow::anyhow!("--name {}", e.message))?;
-    let db = crate::db::migrate(&config.database).await?;
-    let hash = Passwords::new(&config.auth)?
-        .hash(&password)
-        .await
-        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
-    let db = crate::db::Db::session(db);
-    let user = store::users::create(&db, &email, &name, &hash, role, tier)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let user =
+        crate::worker::users::create_offline(config, email, name, &password, role, tier).await?;
     println!("{}", serde_json::to_string_pretty(&user)?);
     Ok(())
 }

@@ -28,7 +28,21 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use sqlx::{Executor, PgExecutor};
 use uuid::{Timestamp, Uuid};
 
-use crate::{cli::SeedArgs, config::Config, worker::tokens::Passwords};
+use crate::{config::Config, worker::tokens::Passwords};
+
+/// The flags of `taskd seed`.
+#[derive(Debug, clap::Args)]
+pub struct SeedArgs {
+    /// Users to create (`seed-<n>@example.com`).
+    #[arg(long, default_value_t = 10)]
+    pub users: u32,
+    /// Tasks per user.
+    #[arg(long, default_value_t = 100)]
+    pub tasks_per_user: u32,
+    /// Password of every seeded user.
+    #[arg(long, default_value = "seed-password")]
+    pub password: String,
+}
 
 const WORDS: &[&str] = &[
     "report",

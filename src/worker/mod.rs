@@ -23,7 +23,7 @@ pub mod middleware;
 mod openapi;
 mod server;
 mod tasks;
-mod users;
+pub mod users;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 

@@ -19,6 +19,35 @@ use super::{
     tokens::{self, AuthUser},
 };
 
+/// `taskd user create` (how the first admin is made): validates like the API does, applies
+/// pending migrations (on `database.direct_url`), hashes the password and inserts the user.
+pub async fn create_offline(
+    config: &crate::config::Config,
+    email: &str,
+    name: Option<&str>,
+    password: &str,
+    role: Role,
+    tier: Tier,
+) -> anyhow::Result<User> {
+    let email = normalize_email(email).map_err(|e| anyhow::anyhow!("--email {}", e.message))?;
+    check_password("password", password)
+        .map_err(|e| anyhow::anyhow!("the password {}", e.message))?;
+    let name = name.map_or_else(
+        || email.split('@').next().unwrap_or("user").to_owned(),
+        str::to_owned,
+    );
+    let name = check_name(&name).map_err(|e| anyhow::anyhow!("--name {}", e.message))?;
+    let pool = crate::db::migrate(&config.database).await?;
+    let hash = tokens::Passwords::new(&config.auth)?
+        .hash(password)
+        .await
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+    let db = crate::db::Db::session(pool);
+    store::users::create(&db, &email, &name, &hash, role, tier)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(get_me, update_me, delete_me))
