@@ -8,7 +8,7 @@ use std::{
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{
-            AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
+            AtomicBool, AtomicU64, AtomicUsize,
             Ordering::{Relaxed, SeqCst},
         },
     },
@@ -21,6 +21,7 @@ use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{body::UpstreamBody, metrics::StatusCounts};
+use crate::health::Consecutive;
 
 /// What the balancer may do with an upstream, as `/status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -77,8 +78,6 @@ pub struct Upstream {
     pub(super) host_header: hyper::header::HeaderValue,
     /// The address when the host is an IP literal (no resolution needed).
     addr: Option<SocketAddr>,
-    /// Verdict of the active health checks.
-    healthy: AtomicBool,
     /// Set by the supervisor before the upstream is stopped: no new requests.
     draining: AtomicBool,
     /// `now_ms()` until which the upstream is ejected; 0 when it is not.
@@ -96,9 +95,8 @@ pub struct Upstream {
     pub(super) ejections: AtomicU64,
     /// Duration of the last active probe, in milliseconds (`u64::MAX` before the first).
     last_probe_ms: AtomicU64,
-    /// Consecutive passing and failing probes, for rise/fall.
-    probe_passes: AtomicU32,
-    probe_fails: AtomicU32,
+    /// Active health: consecutive passing and failing probes, rise/fall.
+    health: Consecutive,
     /// Failed requests within the current `fail_timeout` window.
     fail_window: Mutex<FailWindow>,
     /// Idle keep-alive connections, one pool per serving thread.
@@ -139,7 +137,6 @@ impl Upstream {
                 .expect("a checked URL's authority is a valid header"),
             authority,
             addr,
-            healthy: AtomicBool::new(healthy),
             draining: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -148,8 +145,7 @@ impl Upstream {
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             last_probe_ms: AtomicU64::new(u64::MAX),
-            probe_passes: AtomicU32::new(0),
-            probe_fails: AtomicU32::new(0),
+            health: Consecutive::new(healthy),
             fail_window: Mutex::new(FailWindow::default()),
             idle: (0..pool_slots.max(1))
                 .map(|_| Mutex::new(Vec::new()))
@@ -165,7 +161,7 @@ impl Upstream {
             UpstreamState::Draining
         } else if self.ejected_until.load(Relaxed) > now {
             UpstreamState::Ejected
-        } else if self.healthy.load(Relaxed) {
+        } else if self.health.is_up() {
             UpstreamState::Healthy
         } else {
             UpstreamState::Unhealthy
@@ -237,7 +233,7 @@ impl Upstream {
         fails.count = 0;
         self.ejected_until.store(now + window, Relaxed);
         // The active checker must see `rise` fresh passes before it may end the ejection early.
-        self.probe_passes.store(0, Relaxed);
+        self.health.restart_passes();
         self.ejections.fetch_add(1, Relaxed);
         true
     }
@@ -245,24 +241,12 @@ impl Upstream {
     /// Records the outcome of an active probe. Returns the new health when it flipped.
     pub fn record_probe(&self, ok: bool, took: Duration, rise: u32, fall: u32) -> Option<bool> {
         self.last_probe_ms.store(took.as_millis() as u64, Relaxed);
-        if ok {
-            self.probe_fails.store(0, Relaxed);
-            let passes = self.probe_passes.fetch_add(1, Relaxed) + 1;
-            if passes >= rise {
-                // Recovered for long enough: an ejection may end before `fail_timeout`.
-                self.ejected_until.store(0, Relaxed);
-                if !self.healthy.swap(true, Relaxed) {
-                    return Some(true);
-                }
-            }
-        } else {
-            self.probe_passes.store(0, Relaxed);
-            let fails = self.probe_fails.fetch_add(1, Relaxed) + 1;
-            if fails >= fall && self.healthy.swap(false, Relaxed) {
-                return Some(false);
-            }
+        let flipped = self.health.record(ok, rise, fall);
+        if ok && self.health.passes() >= rise {
+            // Recovered for long enough: an ejection may end before `fail_timeout`.
+            self.ejected_until.store(0, Relaxed);
         }
-        None
+        flipped
     }
 
     /// Takes an idle connection of this thread's pool, newest first, dropping stale ones.

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::SupervisorConfig, proxy::Proxy};
+use crate::{config::SupervisorConfig, health::Consecutive, proxy::Proxy};
 
 use super::{
     backoff::Backoff,
@@ -211,7 +211,8 @@ impl Slot {
         let mut probes = tokio::time::interval(config.probe_interval);
         probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         probes.tick().await;
-        let mut failures = 0u32;
+        // Liveness: down (restart) after `probe_threshold` failed probes in a row.
+        let mut liveness = Consecutive::new(true);
         loop {
             tokio::select! {
                 status = process.wait() => {
@@ -228,25 +229,26 @@ impl Slot {
                 Some(Control::Replace { spare, done }) = control.recv() => {
                     let free = self.replace(&mut process, spare, stop).await;
                     url = upstream_url(process.port);
-                    failures = 0;
+                    liveness = Consecutive::new(true);
                     let _ = done.send(free);
                 }
                 _ = probes.tick() => {
                     let live = probe::get(process.port, "/health/live", config.probe_timeout).await;
+                    if live != Some(200) && process.try_wait().is_some() {
+                        continue; // `wait` reports it next
+                    }
+                    let was_failing = liveness.fails() > 0;
+                    let flipped = liveness.record(live == Some(200), 1, config.probe_threshold);
                     if live == Some(200) {
-                        if failures > 0 {
+                        if was_failing {
                             tracing::info!(worker = %self.id, "worker ready: answering liveness probes again");
                             self.update(|w| w.state = WorkerState::Ready);
                         }
-                        failures = 0;
                         continue;
                     }
-                    if process.try_wait().is_some() {
-                        continue; // `wait` reports it next
-                    }
-                    failures += 1;
+                    let failures = liveness.fails();
                     let answer = live.map_or_else(|| "no answer".to_owned(), |code| format!("status {code}"));
-                    if failures < config.probe_threshold {
+                    if flipped != Some(false) {
                         tracing::warn!(worker = %self.id, pid = process.pid, failures, "worker unhealthy: liveness probe failed ({answer})");
                         self.update(|w| w.state = WorkerState::Unhealthy);
                         continue;
