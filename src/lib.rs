@@ -14,10 +14,10 @@
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod health;
+pub(crate) mod health;
 pub mod proxy;
-pub mod seed;
-pub mod shutdown;
+pub(crate) mod seed;
+pub(crate) mod shutdown;
 pub mod supervisor;
-pub mod telemetry;
+pub(crate) mod telemetry;
 pub mod worker;

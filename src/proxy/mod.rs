@@ -20,11 +20,11 @@
 //! the caller's runtime.
 
 pub mod admin;
-pub mod body;
-pub mod error;
-pub mod forward;
-pub mod idle;
-pub mod metrics;
+pub(crate) mod body;
+pub(crate) mod error;
+pub(crate) mod forward;
+pub(crate) mod idle;
+pub(crate) mod metrics;
 pub mod upstream;
 
 use std::{

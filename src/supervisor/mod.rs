@@ -24,12 +24,12 @@
 //! a `SIGHUP` a worker may thus sit on any port of `base_port..=base_port + instances`;
 //! `/status` always shows where.
 
-pub mod backoff;
-pub mod instance;
-pub mod probe;
-pub mod process;
-pub mod status;
-pub mod stores;
+pub(crate) mod backoff;
+pub(crate) mod instance;
+pub(crate) mod probe;
+pub(crate) mod process;
+pub(crate) mod status;
+pub(crate) mod stores;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},

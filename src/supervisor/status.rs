@@ -125,10 +125,6 @@ impl Board {
         self.workers.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// The record of slot `index` (0-based), for its task to update.
     pub fn slot(&self, index: usize) -> MutexGuard<'_, WorkerRecord> {
         self.workers[index]

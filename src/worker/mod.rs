@@ -4,28 +4,28 @@
 //! serve it on any listener; [`run`] serves it until the shutdown token fires and in-flight
 //! requests finish.
 
-pub mod cache;
-pub mod error;
-pub mod extract;
-pub mod listing;
-pub mod model;
-pub mod ratelimit;
+pub(crate) mod cache;
+pub(crate) mod error;
+pub(crate) mod extract;
+pub(crate) mod listing;
+pub(crate) mod model;
+pub(crate) mod ratelimit;
 pub mod redis;
-pub mod replica;
-pub mod store;
-pub mod tokens;
+pub(crate) mod replica;
+pub(crate) mod store;
+pub(crate) mod tokens;
 
 mod admin;
 mod auth;
 mod categories;
 mod health;
 mod idempotency;
-pub mod middleware;
+pub(crate) mod middleware;
 mod openapi;
 mod server;
 mod state;
 mod tasks;
-pub mod users;
+pub(crate) mod users;
 
 use std::net::SocketAddr;
 

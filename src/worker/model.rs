@@ -18,8 +18,12 @@ macro_rules! text_enum {
         }
 
         impl $name {
+            /// Every variant, in declaration order.
+            #[allow(dead_code)]
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
+            /// The spelling in PostgreSQL (not every enum is stored by its text).
+            #[allow(dead_code)]
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
