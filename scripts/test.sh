@@ -52,7 +52,7 @@ ensure_redis() {
 
 ensure_postgres
 ensure_redis
-# The README walkthrough test (tests/serve.rs) runs it with curl and jq, as a reader would.
+# The README walkthrough test (tests/serve/startup.rs, tests/stores.rs) runs it with curl and jq, as a reader would.
 for tool in curl jq; do
   command -v "$tool" >/dev/null 2>&1 || { log "installing $tool"; apt_install "$tool"; }
 done

@@ -1,6 +1,6 @@
 //! The README's curl walkthrough ("The API in five minutes"): the block itself, and what a run
-//! of it must print. Run against a cluster by `tests/serve.rs` and by `tests/stores.rs` (on the
-//! private stores of a fresh host).
+//! of it must print. Run against a cluster by `tests/serve/startup.rs` and by `tests/stores.rs`
+//! (on the private stores of a fresh host).
 
 use serde_json::{Value, json};
 
