@@ -296,6 +296,12 @@ pub struct WorkerConfig {
     /// How long in-flight requests may run after SIGTERM before the worker exits anyway. Default 10s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Lame duck: after SIGTERM, how long the worker answers `/health/ready` 503 while still
+    /// serving everything else, before it stops accepting. Set it to the time the balancer in
+    /// front needs to notice (a Kubernetes endpoint update, a few `proxy.health.interval`s), so
+    /// no request is sent to a worker that has closed its port. Default 0s.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// Longest from the first byte of a request to the end of its headers; past it the
     /// connection is closed. Default 10s.
     #[serde(with = "humantime_serde")]
@@ -324,6 +330,7 @@ impl Default for WorkerConfig {
                 "::1/128".parse().expect("valid CIDR"),
             ],
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,

@@ -112,6 +112,9 @@ impl WorkerProcess {
             .arg("--instance-id")
             .arg(id)
             .env("TASKD_WORKER__THREADS", launch.worker_threads.to_string())
+            // The supervisor takes a worker out of its proxy before stopping it: no balancer
+            // needs the lame-duck time.
+            .env("TASKD_WORKER__DRAIN_DELAY", "0s")
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

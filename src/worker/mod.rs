@@ -97,8 +97,9 @@ pub fn app(state: AppState) -> Router {
 /// Serves `app(state)` on `listener` until `shutdown` fires, then lets in-flight requests
 /// finish for up to `worker.shutdown_timeout`. Connection limits: [`server`].
 pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
-    let shutdown = state.shutdown.clone();
     let config = &state.config.worker;
+    // Readiness turns 503 on `state.shutdown`; the listener closes `drain_delay` later.
+    let shutdown = lame_duck(state.shutdown.clone(), config.drain_delay);
     let limits = server::Limits {
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
@@ -108,6 +109,26 @@ pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()>
     server::serve(listener, app(state), limits, shutdown)
         .await
         .context("serving HTTP")
+}
+
+/// A token cancelled `delay` after `shutdown`: meanwhile the worker is a lame duck, answering
+/// readiness 503 (so balancers stop sending it requests) and serving whatever still arrives.
+fn lame_duck(shutdown: CancellationToken, delay: std::time::Duration) -> CancellationToken {
+    if delay.is_zero() {
+        return shutdown;
+    }
+    let stop = CancellationToken::new();
+    let later = stop.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!(
+            drain_delay = %humantime::format_duration(delay),
+            "draining: readiness answers 503, still serving until the drain delay has passed"
+        );
+        tokio::time::sleep(delay).await;
+        later.cancel();
+    });
+    stop
 }
 
 /// `taskd worker`: migrate, bind, serve until `shutdown` (SIGTERM/SIGINT, or whatever else the

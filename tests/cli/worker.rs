@@ -242,3 +242,56 @@ async fn json_logs_have_one_line_per_request_with_its_fields() {
         "{output}"
     );
 }
+
+/// `worker.drain_delay`: after SIGTERM the worker is a lame duck for the delay — readiness 503,
+/// everything else served, new connections accepted — and only then stops accepting and exits 0.
+#[tokio::test]
+async fn sigterm_with_a_drain_delay_answers_not_ready_while_still_serving() {
+    let h = Harness::new();
+    let client = client();
+    let port = free_port();
+    let mut command = h.command(&["worker", "--port", &port.to_string(), "--host", "127.0.0.1"]);
+    command.env("TASKD_WORKER__DRAIN_DELAY", "2s");
+    let mut worker = h.spawn_worker_with(command, port);
+    worker.wait_ready(&client).await;
+
+    let signalled = Instant::now();
+    worker.sigterm();
+    let mut ready_503 = false;
+    // Throughout the delay: readiness 503, liveness and the API still answered, each on a new
+    // connection (a fresh client per round), so the port is still accepting.
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        let fresh = client_without_pool();
+        let ready = fresh.get(worker.url("/health/ready")).send().await.unwrap();
+        ready_503 |= ready.status() == StatusCode::SERVICE_UNAVAILABLE;
+        assert_ne!(ready.status(), StatusCode::OK, "still ready after SIGTERM");
+        let live = fresh.get(worker.url("/health/live")).send().await.unwrap();
+        assert_eq!(live.status(), StatusCode::OK, "{}", worker.logs());
+        let docs = fresh.get(worker.url("/openapi.json")).send().await.unwrap();
+        assert_eq!(docs.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready_503, "readiness never answered 503");
+    let status = worker.wait_exit(EXIT_TIMEOUT).await;
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}\n{}", worker.logs());
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited {took:?} after SIGTERM, before the 2 s drain delay"
+    );
+    assert!(
+        worker.stderr().contains("draining: readiness answers 503"),
+        "{}",
+        worker.logs()
+    );
+}
+
+/// A client that opens a new connection for every request.
+fn client_without_pool() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("HTTP client")
+}
