@@ -19,8 +19,8 @@ use super::Proxy;
 pub trait AdminExtension: Send + Sync + 'static {
     /// Extra top-level fields of `/status` (the supervisor's `workers`).
     fn status_fields(&self) -> Map<String, Value>;
-    /// Extra Prometheus text appended to `/metrics`.
-    fn metrics(&self) -> String;
+    /// Extra Prometheus text appended to `/metrics` (the supervisor fetches its workers').
+    fn metrics(&self) -> futures_util::future::BoxFuture<'_, String>;
     /// The HTML page served at `/`, if any.
     fn dashboard(&self) -> Option<&'static str>;
 }
@@ -74,7 +74,7 @@ async fn status(State(state): State<AdminState>) -> Json<Value> {
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.proxy.render_metrics();
     if let Some(extension) = &state.extension {
-        text.push_str(&extension.metrics());
+        text.push_str(&extension.metrics().await);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

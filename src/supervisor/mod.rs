@@ -28,6 +28,7 @@ pub(crate) mod backoff;
 pub(crate) mod instance;
 pub(crate) mod probe;
 pub(crate) mod process;
+pub(crate) mod scrape;
 pub(crate) mod status;
 pub(crate) mod stores;
 

@@ -1,11 +1,15 @@
-//! The supervisor's one HTTP need: `GET <path>` on a local worker and its status code.
+//! The supervisor's HTTP needs of a local worker: [`get`], the status code of a probe, and
+//! [`fetch`], a small body (its `/metrics`).
 //!
-//! A dozen lines over a TCP stream rather than an HTTP client: the probe must never share a
+//! Each is a connection of its own rather than a pooled client: a probe must never share a
 //! connection pool with the proxy (a pooled connection would hide a worker that stopped
 //! accepting), and a hung worker must show up as a timeout, not as a queued request.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -18,6 +22,31 @@ pub async fn get(port: u16, path: &str, timeout: Duration) -> Option<u16> {
         .await
         .ok()
         .flatten()
+}
+
+/// The body of `GET path` on `127.0.0.1:port` when it answers 200 within `timeout` with at
+/// most `limit` bytes; `None` otherwise.
+pub async fn fetch(port: u16, path: &str, timeout: Duration, limit: usize) -> Option<Bytes> {
+    let exchange = async {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+            .header(hyper::header::USER_AGENT, "taskd-supervisor")
+            .body(Empty::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        if response.status() != hyper::StatusCode::OK {
+            return None;
+        }
+        let body = Limited::new(response.into_body(), limit);
+        Some(body.collect().await.ok()?.to_bytes())
+    };
+    tokio::time::timeout(timeout, exchange).await.ok().flatten()
 }
 
 async fn exchange(port: u16, path: &str) -> Option<u16> {
@@ -77,6 +106,28 @@ mod tests {
         );
         assert!(started.elapsed() >= Duration::from_millis(200));
         drop(listener);
+    }
+
+    #[tokio::test]
+    async fn fetch_returns_a_body_within_its_limit_only() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 512];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nup 1\nok 2\n")
+                    .await;
+            }
+        });
+        let timeout = Duration::from_secs(2);
+        assert_eq!(
+            fetch(port, "/metrics", timeout, 64).await.as_deref(),
+            Some(&b"up 1\nok 2\n"[..])
+        );
+        assert_eq!(fetch(port, "/metrics", timeout, 9).await, None);
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::{
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use super::scrape;
 use crate::proxy::admin::AdminExtension;
 
 /// A worker slot's state, as `/status` spells it.
@@ -146,6 +147,7 @@ impl Board {
             self.snapshot()
                 .iter()
                 .map(|w| {
+                    let usage = w.pid.and_then(scrape::usage);
                     json!({
                         "id": w.id,
                         "port": w.port,
@@ -155,6 +157,8 @@ impl Board {
                         "uptimeSeconds": w.started.map_or(0, |s| now.duration_since(s).as_secs()),
                         "lastExit": w.last_exit,
                         "backoffMs": w.backoff.map(|b| b.as_millis() as u64),
+                        "rssBytes": usage.map(|u| u.rss_bytes),
+                        "cpuSeconds": usage.map(|u| (u.cpu_seconds * 100.0).round() / 100.0),
                     })
                 })
                 .collect(),
@@ -194,6 +198,30 @@ impl Board {
                 w.id
             );
         }
+        let usage: Vec<_> = workers
+            .iter()
+            .map(|w| (&w.id, w.pid.and_then(scrape::usage)))
+            .collect();
+        out.push_str("# HELP taskd_worker_resident_memory_bytes Resident memory of the worker's current process.\n# TYPE taskd_worker_resident_memory_bytes gauge\n");
+        for (id, usage) in &usage {
+            if let Some(usage) = usage {
+                let _ = writeln!(
+                    out,
+                    "taskd_worker_resident_memory_bytes{{worker=\"{id}\"}} {}",
+                    usage.rss_bytes
+                );
+            }
+        }
+        out.push_str("# HELP taskd_worker_cpu_seconds_total CPU time (user and system) of the worker's current process.\n# TYPE taskd_worker_cpu_seconds_total counter\n");
+        for (id, usage) in &usage {
+            if let Some(usage) = usage {
+                let _ = writeln!(
+                    out,
+                    "taskd_worker_cpu_seconds_total{{worker=\"{id}\"}} {:.2}",
+                    usage.cpu_seconds
+                );
+            }
+        }
         out
     }
 }
@@ -205,8 +233,18 @@ impl AdminExtension for Board {
         fields
     }
 
-    fn metrics(&self) -> String {
-        self.render_metrics()
+    fn metrics(&self) -> futures_util::future::BoxFuture<'_, String> {
+        Box::pin(async move {
+            let mut text = self.render_metrics();
+            let running: Vec<(String, u16)> = self
+                .snapshot()
+                .into_iter()
+                .filter(|w| w.pid.is_some())
+                .map(|w| (w.id, w.port))
+                .collect();
+            text.push_str(&scrape::workers(&running).await);
+            text
+        })
     }
 
     fn dashboard(&self) -> Option<&'static str> {

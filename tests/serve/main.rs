@@ -16,6 +16,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod operator;
 mod signals;
 mod startup;
 mod supervision;
