@@ -159,6 +159,11 @@ pub struct CacheConfig {
     /// Lifetime of an entry; writes invalidate entries at once regardless. Default 60s.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Keep br, zstd and gzip variants of cached bodies over 1 KiB next to the plain entry,
+    /// each made once (on the first read that asks for it) and then served as stored, with an
+    /// `ETag` of its own, to clients whose `Accept-Encoding` takes it. A variant is never larger
+    /// than the plain body. Default true.
+    pub compression: bool,
 }
 
 impl Default for CacheConfig {
@@ -166,6 +171,7 @@ impl Default for CacheConfig {
         Self {
             enabled: true,
             ttl: Duration::from_secs(60),
+            compression: true,
         }
     }
 }
@@ -397,6 +403,11 @@ pub struct ProxyConfig {
     /// Most client connections open at once, all serving threads together; past it new ones
     /// wait in the kernel backlog. Default 10000.
     pub max_connections: usize,
+    /// Compress responses that arrive uncompressed, as they stream: br, zstd or gzip by the
+    /// client's `Accept-Encoding`, for compressible types (text, JSON, XML, JavaScript, SVG)
+    /// over 1 KiB, with `Vary: Accept-Encoding`; never for `Range` or `HEAD` requests,
+    /// `Cache-Control: no-transform` or responses already encoded. Default true.
+    pub compression: bool,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced (CIDRs). Default none.
     pub trusted_proxies: Vec<IpNet>,
     /// How long in-flight requests may run after SIGTERM before the proxy exits anyway.
@@ -425,6 +436,7 @@ impl Default for ProxyConfig {
             body_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            compression: true,
             trusted_proxies: Vec::new(),
             shutdown_timeout: Duration::from_secs(10),
             health: HealthCheckConfig::default(),

@@ -8,6 +8,7 @@
 //! Every test binary includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod codings;
 pub mod expect;
 pub mod flows;
 pub mod ports;
