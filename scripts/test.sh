@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite on any host with a Rust toolchain: starts PostgreSQL (127.0.0.1:5432, user
 # postgres, trust) and Redis (127.0.0.1:6379) when they are not answering, installing them with
-# apt-get when missing, installs the tools some tests drive (curl, jq, pgbouncer), then runs
+# apt-get when missing, installs the tools some tests drive (curl, jq, pgbouncer, chromium), then runs
 # `cargo test` with any arguments given (`bash scripts/test.sh --test proxy`). Needs root or sudo
 # only when something has to be installed or started. CI runs it through .ci/run.
 set -euo pipefail
@@ -60,6 +60,12 @@ done
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   log "installing pgbouncer"
   apt_install pgbouncer
+fi
+# tests/browser.rs drives headless Chromium (CORS and compression as a browser sees them); it
+# fails under CI=true when Chromium is missing.
+if [ ! -x /usr/bin/chromium ]; then
+  log "installing chromium"
+  apt_install chromium
 fi
 
 cargo test "$@"

@@ -159,6 +159,11 @@ pub struct CacheConfig {
     /// Lifetime of an entry; writes invalidate entries at once regardless. Default 60s.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Keep br, zstd and gzip variants of cached bodies over 1 KiB next to the plain entry,
+    /// each made once (on the first read that asks for it) and then served as stored, with an
+    /// `ETag` of its own, to clients whose `Accept-Encoding` takes it. A variant is never larger
+    /// than the plain body. Default true.
+    pub compression: bool,
 }
 
 impl Default for CacheConfig {
@@ -166,6 +171,7 @@ impl Default for CacheConfig {
         Self {
             enabled: true,
             ttl: Duration::from_secs(60),
+            compression: true,
         }
     }
 }
@@ -314,6 +320,29 @@ pub struct WorkerConfig {
     /// Most open client connections; past it new ones wait in the kernel's backlog.
     /// Default 10000.
     pub max_connections: usize,
+    /// Cross-origin requests from browsers.
+    pub cors: CorsConfig,
+}
+
+/// `[worker.cors]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins (`scheme://host[:port]`, exactly as browsers send them) whose pages may call the
+    /// API. Default none: no CORS headers at all, and browsers keep other origins out.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may reuse a preflight answer (`Access-Control-Max-Age`). Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -334,6 +363,7 @@ impl Default for WorkerConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -404,6 +434,11 @@ pub struct ProxyConfig {
     /// Most client connections open at once, all serving threads together; past it new ones
     /// wait in the kernel backlog. Default 10000.
     pub max_connections: usize,
+    /// Compress responses that arrive uncompressed, as they stream: br, zstd or gzip by the
+    /// client's `Accept-Encoding`, for compressible types (text, JSON, XML, JavaScript, SVG)
+    /// over 1 KiB, with `Vary: Accept-Encoding`; never for `Range` or `HEAD` requests,
+    /// `Cache-Control: no-transform` or responses already encoded. Default true.
+    pub compression: bool,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced (CIDRs). Default none.
     pub trusted_proxies: Vec<IpNet>,
     /// How long in-flight requests may run after SIGTERM before the proxy exits anyway.
@@ -432,6 +467,7 @@ impl Default for ProxyConfig {
             body_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            compression: true,
             trusted_proxies: Vec::new(),
             shutdown_timeout: Duration::from_secs(10),
             health: HealthCheckConfig::default(),
@@ -793,6 +829,16 @@ impl Config {
             "idempotency.ttl",
             "must be at least 1s",
         )?;
+        for origin in &self.worker.cors.allowed_origins {
+            check(
+                is_exact_origin(origin),
+                "worker.cors.allowed_origins",
+                &format!(
+                    "has {origin:?}, which is not an origin as browsers send it \
+                     (scheme://host[:port], lower case, no path or trailing slash)"
+                ),
+            )?;
+        }
         for upstream in &self.proxy.upstreams {
             check(
                 parse_upstream_url(upstream).is_ok(),
@@ -889,6 +935,14 @@ impl Config {
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Whether `origin` is an HTTP(S) origin serialised as browsers send it in `Origin`, so that an
+/// exact comparison with the header can match it.
+fn is_exact_origin(origin: &str) -> bool {
+    url::Url::parse(origin).is_ok_and(|url| {
+        matches!(url.scheme(), "http" | "https") && url.origin().ascii_serialization() == origin
+    })
 }
 
 /// Checks an upstream URL (`http://host:port`, no path) and returns it without a trailing
@@ -1032,6 +1086,18 @@ mod tests {
             jail.create_file("config.toml", "[redis]\npool_size = 0\n")?;
             let err = Config::load(None, serde_json::json!({})).unwrap_err();
             assert!(err.to_string().contains("redis.pool_size"), "{err}");
+            jail.create_file(
+                "config.toml",
+                "[worker.cors]\nallowed_origins = [\"https://app.example.com/\"]\n",
+            )?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(
+                err.to_string().contains("worker.cors.allowed_origins"),
+                "{err}"
+            );
+            jail.create_file("config.toml", "[worker.cors]\nallowed_origin = []\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("allowed_origin"), "{err}");
             jail.create_file("config.toml", "[redis]\ntls_ca = \"/etc/ca.pem\"\n")?;
             let err = Config::load(None, serde_json::json!({})).unwrap_err();
             assert!(err.to_string().contains("redis.tls_ca"), "{err}");

@@ -6,12 +6,13 @@
 //! - [`proxy`]: the load balancer (`taskd proxy`): hyper server and pooled upstream connections.
 //! - [`supervisor`]: the local cluster (`taskd serve`): worker processes behind the proxy,
 //!   probed, restarted and rolled.
-//! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`health`]: the shared base every role
-//!   stands on.
+//! - [`config`], [`telemetry`], [`shutdown`], [`db`], [`health`], [`compression`]: the shared base
+//!   every role stands on.
 //! - [`cli`]: the command line, dispatching to the roles.
 //! - [`seed`]: realistic bulk data for benchmarks and demos (`taskd seed`).
 
 pub mod cli;
+pub mod compression;
 pub mod config;
 pub mod db;
 pub(crate) mod health;

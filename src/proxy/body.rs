@@ -187,6 +187,8 @@ pub enum ClientBody {
     },
     /// A response the proxy wrote itself.
     Local(Full<Bytes>),
+    /// An upstream's body compressed on its way (`proxy.compression`).
+    Compressed(Box<super::compress::Compressing>),
 }
 
 impl ClientBody {
@@ -234,6 +236,7 @@ impl Body for ClientBody {
                 Poll::Ready(frame)
             }
             Self::Local(full) => poll_full(full, cx),
+            Self::Compressed(compressing) => compressing.poll_frame(cx),
         }
     }
 
@@ -241,6 +244,7 @@ impl Body for ClientBody {
         match self {
             Self::Upstream { body, .. } => body.is_end_stream(),
             Self::Local(full) => full.is_end_stream(),
+            Self::Compressed(compressing) => compressing.is_end_stream(),
         }
     }
 
@@ -248,6 +252,7 @@ impl Body for ClientBody {
         match self {
             Self::Upstream { body, .. } => body.size_hint(),
             Self::Local(full) => full.size_hint(),
+            Self::Compressed(compressing) => compressing.size_hint(),
         }
     }
 }

@@ -20,6 +20,7 @@ use hyper::{
 use super::{
     Shared,
     body::{ClientBody, PooledConn, Progress, UpstreamBody},
+    compress,
     error::ProxyError,
     idle::Watch,
     upstream::Upstream,
@@ -212,6 +213,11 @@ pub async fn handle(
     let swept = (req.version() != Version::HTTP_2).then_some(watch);
     let (mut parts, body) = req.into_parts();
     let request_id = forwarding_headers(&mut parts.headers, &parts.uri, peer);
+    let compression = if shared.config.compression {
+        compress::plan(&parts)
+    } else {
+        None
+    };
     // The workers' metrics are for the operator (the admin listener), not the internet.
     let forwarded = if parts.uri.path() == "/metrics" {
         Err(ProxyError::NotFound)
@@ -219,7 +225,7 @@ pub async fn handle(
         forward(&shared, parts, body, swept).await
     };
     let response = match forwarded {
-        Ok(response) => response,
+        Ok(response) => compress::apply(compression, response),
         Err(error) => {
             shared.metrics.local.record(error.status().as_u16());
             error.into_response(Some(&request_id))

@@ -7,6 +7,7 @@
 //! - [`forward`]: one request: header rules, choosing an upstream, retries, own errors.
 //! - [`upstream`]: one upstream's health, counters and connection pool.
 //! - [`body`]: the streamed request and response bodies.
+//! - [`compress`]: responses compressed as they stream (`proxy.compression`).
 //! - [`idle`]: client connections' idle and response timeouts, swept once per thread.
 //! - [`admin`]: the operator listener (`/status`, `/metrics`).
 //! - [`metrics`], [`error`]: counters, and the 502/503/504 answers.
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub(crate) mod body;
+pub(crate) mod compress;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod idle;

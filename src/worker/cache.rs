@@ -21,6 +21,22 @@
 //!
 //! Concurrent misses of one key (under one stamp) in a worker wait for a single database query
 //! (single flight).
+//!
+//! # Compressed variants (`cache.compression`)
+//!
+//! `cache:{<user>}:<hash>:br` (`:zstd`, `:gzip`): the entry's body in that content coding,
+//! stamped like the entry, with its own `ETag` (`"<etag>-br"`). A read whose `Accept-Encoding`
+//! picks a coding ([`negotiate`]) asks the `MGET` for that variant instead of the plain entry, so
+//! a hit sends stored bytes and compresses nothing. A missing variant is made from the plain
+//! entry (a second round trip; `X-Cache: HIT` still, as no query ran) or from the freshly loaded
+//! body on a miss, and stored. A body of 1 KiB or less, or one that the coding does not make
+//! smaller, is stored as its variant uncompressed, so the next read does not try again. Every
+//! cached response carries `Vary: Accept-Encoding`.
+//!
+//! Per-encoding `ETag`s are strong: the variant's bytes are fixed for its entry (one-shot
+//! compression at a fixed level is deterministic), and a validator must differ between
+//! codings (RFC 9110 §8.8.3), so `If-None-Match` with the brotli variant's tag answers 304 only
+//! to a request that would get the brotli variant.
 
 use std::{
     collections::HashMap,
@@ -42,7 +58,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{AppState, error::ApiError, redis::Redis, tokens::Bearer};
-use crate::config::CacheConfig;
+use crate::{
+    compression::{self, Effort, Encoding, MIN_SIZE, negotiate},
+    config::CacheConfig,
+};
 
 pub const X_CACHE: &str = "x-cache";
 
@@ -55,6 +74,8 @@ const BUMP: &str =
 pub struct Cached {
     pub etag: HeaderValue,
     pub body: Bytes,
+    /// The body's content coding; `None`: plain JSON.
+    pub encoding: Option<Encoding>,
 }
 
 impl Cached {
@@ -62,11 +83,38 @@ impl Cached {
         let digest = Sha256::digest(&body);
         let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
         let etag = HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header");
-        Self { etag, body }
+        Self {
+            etag,
+            body,
+            encoding: None,
+        }
     }
 
-    /// The response: 304 when `If-None-Match` names this entity, else 200 with the JSON body.
-    pub fn respond(&self, request: &HeaderMap, outcome: &'static str) -> Response {
+    /// This plain entry's variant in `encoding`: compressed, with the `ETag` `"<etag>-<coding>"`;
+    /// or, when the body is small or the coding does not make it smaller, the plain entry.
+    pub fn variant(&self, encoding: Encoding) -> Cached {
+        let compressed = (self.body.len() as u64 > MIN_SIZE)
+            .then(|| compression::compress(encoding, Effort::Stored, &self.body))
+            .flatten();
+        let Some(body) = compressed else {
+            return self.clone();
+        };
+        let plain = self.etag.to_str().unwrap_or_default();
+        let tag = format!(
+            "{}-{}\"",
+            plain.strip_suffix('"').unwrap_or(plain),
+            encoding.as_str()
+        );
+        Cached {
+            etag: HeaderValue::from_str(&tag).unwrap_or_else(|_| self.etag.clone()),
+            body,
+            encoding: Some(encoding),
+        }
+    }
+
+    /// The response: 304 when `If-None-Match` names this entity, else 200 with the JSON body
+    /// (in its coding). `vary`: whether the answer depends on `Accept-Encoding`.
+    pub fn respond(&self, request: &HeaderMap, outcome: &'static str, vary: bool) -> Response {
         let mut response = if not_modified(request, &self.etag) {
             StatusCode::NOT_MODIFIED.into_response()
         } else {
@@ -79,7 +127,19 @@ impl Cached {
             )
                 .into_response()
         };
+        let full = response.status() == StatusCode::OK;
         let headers = response.headers_mut();
+        if let Some(encoding) = self.encoding
+            && full
+        {
+            headers.insert(header::CONTENT_ENCODING, encoding.header_value());
+        }
+        if vary {
+            headers.insert(
+                header::VARY,
+                HeaderValue::from_static(header::ACCEPT_ENCODING.as_str()),
+            );
+        }
         headers.insert(header::ETAG, self.etag.clone());
         headers.insert(X_CACHE, HeaderValue::from_static(outcome));
         headers.insert(
@@ -106,6 +166,8 @@ fn not_modified(request: &HeaderMap, etag: &HeaderValue) -> bool {
 pub struct Cache {
     redis: Redis,
     enabled: bool,
+    /// `cache.compression`: keep and serve compressed variants.
+    compression: bool,
     ttl: Duration,
     bump: Script,
     /// Set when a bump could not reach Redis: until the epoch is bumped, entries may be stale.
@@ -133,6 +195,7 @@ impl Cache {
         Self {
             redis,
             enabled: config.enabled,
+            compression: config.compression,
             ttl: config.ttl,
             bump: Script::from_lua(BUMP),
             dirty: AtomicBool::new(false),
@@ -153,6 +216,40 @@ impl Cache {
         let digest = Sha256::digest(format!("{kind}\n{query}").as_bytes());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         self.redis.key(&format!("cache:{{{user}}}:{hex}"))
+    }
+
+    /// The key of the `encoding` variant of the entry at `entry_key` (same hash tag).
+    fn variant_key(entry_key: &str, encoding: Encoding) -> String {
+        format!("{entry_key}:{}", encoding.as_str())
+    }
+
+    /// The coding a read answers in: by `Accept-Encoding`, when variants are on.
+    fn encoding_for(&self, request: &HeaderMap) -> Option<Encoding> {
+        if self.compression {
+            negotiate(request)
+        } else {
+            None
+        }
+    }
+
+    /// `plain`'s variant in `encoding`, stored under its stamp for the next reads.
+    async fn store_variant(
+        &self,
+        entry_key: &str,
+        stamp: Stamp,
+        plain: &Cached,
+        encoding: Encoding,
+    ) -> Cached {
+        let variant = plain.variant(encoding);
+        let key = Self::variant_key(entry_key, encoding);
+        if let Err(error) = self
+            .redis
+            .set_bytes(&key, encode(stamp, &variant), self.ttl)
+            .await
+        {
+            tracing::debug!(%error, "could not store a compressed cache variant");
+        }
+        variant
     }
 
     /// How long version keys live: longer than every entry stamped with them.
@@ -248,11 +345,16 @@ impl Cache {
             return Box::pin(self.bypass(caller, state, read.owner, request, load)).await;
         }
         let entry_key = self.entry_key(read.owner, read.kind, read.query);
+        let encoding = self.encoding_for(request);
+        let vary = self.compression;
         let mut keys = vec![
             caller.version_key(&self.redis),
             self.epoch_key(),
             self.version_key(read.owner),
-            entry_key.clone(),
+            match encoding {
+                Some(encoding) => Self::variant_key(&entry_key, encoding),
+                None => entry_key.clone(),
+            },
         ];
         if let Some(replica) = &state.replica {
             keys.extend(replica.keys(read.owner));
@@ -271,7 +373,18 @@ impl Cache {
                 );
                 if let Some(cached) = values[3].as_ref().and_then(|raw| decode(raw, stamp)) {
                     metrics::counter!("cache_requests_total", "outcome" => "hit").increment(1);
-                    return Ok(cached.respond(request, "HIT"));
+                    return Ok(cached.respond(request, "HIT", vary));
+                }
+                // No variant in this coding yet: made once from the plain entry, if there is one.
+                if let Some(encoding) = encoding {
+                    let plain = self.redis.get_bytes(&entry_key).await.ok().flatten();
+                    if let Some(plain) = plain.and_then(|raw| decode(&raw, stamp)) {
+                        let variant = self
+                            .store_variant(&entry_key, stamp, &plain, encoding)
+                            .await;
+                        metrics::counter!("cache_requests_total", "outcome" => "hit").increment(1);
+                        return Ok(variant.respond(request, "HIT", vary));
+                    }
                 }
                 let needed = match &state.replica {
                     Some(replica) => replica.needed(read.owner, &values[4..]).await,
@@ -284,8 +397,13 @@ impl Cache {
             }
         };
         metrics::counter!("cache_requests_total", "outcome" => "miss").increment(1);
-        let cached = Box::pin(self.single_flight(&entry_key, stamp, || load(needed))).await?;
-        Ok(cached.respond(request, "MISS"))
+        let mut cached = Box::pin(self.single_flight(&entry_key, stamp, || load(needed))).await?;
+        if let Some(encoding) = encoding {
+            cached = self
+                .store_variant(&entry_key, stamp, &cached, encoding)
+                .await;
+        }
+        Ok(cached.respond(request, "MISS", vary))
     }
 
     /// A read without the cache: the token is checked on its own, then `load` answers.
@@ -304,7 +422,11 @@ impl Cache {
         caller.verify(state).await?;
         metrics::counter!("cache_requests_total", "outcome" => "bypass").increment(1);
         let needed = state.needed(owner).await;
-        Ok(Cached::new(load(needed).await?).respond(request, "BYPASS"))
+        let mut cached = Cached::new(load(needed).await?);
+        if let Some(encoding) = self.encoding_for(request) {
+            cached = cached.variant(encoding);
+        }
+        Ok(cached.respond(request, "BYPASS", self.compression))
     }
 
     /// Runs `load` and stores its result under `stamp`, unless the same key is already loading
@@ -398,10 +520,15 @@ impl Cache {
     }
 }
 
-/// Entry layout: `<epoch> <version> <etag>\n<body>`.
+/// Entry layout: `<epoch> <version> <etag>\n<body>`; a compressed variant's adds its coding:
+/// `<epoch> <version> <etag> <coding>\n<body>` (a worker of an older release never reads
+/// variant keys).
 fn encode(stamp: Stamp, cached: &Cached) -> Bytes {
     let etag = cached.etag.to_str().unwrap_or_default();
-    let head = format!("{} {} {etag}\n", stamp.0, stamp.1);
+    let head = match cached.encoding {
+        Some(encoding) => format!("{} {} {etag} {}\n", stamp.0, stamp.1, encoding.as_str()),
+        None => format!("{} {} {etag}\n", stamp.0, stamp.1),
+    };
     let mut out = BytesMut::with_capacity(head.len() + cached.body.len());
     out.put_slice(head.as_bytes());
     out.put_slice(&cached.body);
@@ -416,9 +543,14 @@ fn decode(raw: &Bytes, current: Stamp) -> Option<Cached> {
     let epoch: i64 = parts.next()?.parse().ok()?;
     let version: i64 = parts.next()?.parse().ok()?;
     let etag = HeaderValue::from_str(parts.next()?).ok()?;
+    let encoding = match parts.next() {
+        Some(token) => Some(Encoding::parse(token)?),
+        None => None,
+    };
     ((epoch, version) == current).then(|| Cached {
         etag,
         body: raw.slice(newline + 1..),
+        encoding,
     })
 }
 
@@ -444,6 +576,31 @@ mod tests {
         assert!(decode(&raw, (2, 8)).is_none(), "user version bumped");
         assert!(decode(&raw, (3, 7)).is_none(), "epoch bumped");
         assert!(decode(&Bytes::from_static(b"garbage"), (0, 0)).is_none());
+    }
+
+    #[test]
+    fn variants_keep_their_coding_and_a_tag_of_their_own() {
+        let plain = Cached::new(Bytes::from("{\"title\":\"quarterly report\"},".repeat(60)));
+        let br = plain.variant(Encoding::Br);
+        assert_eq!(br.encoding, Some(Encoding::Br));
+        let tag = plain.etag.to_str().unwrap();
+        assert_eq!(
+            br.etag.to_str().unwrap(),
+            format!("{}-br\"", &tag[..tag.len() - 1])
+        );
+        let back = decode(&encode((1, 2), &br), (1, 2)).unwrap();
+        assert_eq!(
+            (back.body, back.etag, back.encoding),
+            (br.body, br.etag, br.encoding)
+        );
+        // Small bodies stay plain, under the plain tag.
+        let small = Cached::new(Bytes::from_static(b"{\"data\":[]}")).variant(Encoding::Gzip);
+        assert_eq!(small.encoding, None);
+        let raw = Bytes::from_static(b"1 2 \"x\" lzma\n{}");
+        assert!(
+            decode(&raw, (1, 2)).is_none(),
+            "an unknown coding is no entry"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub(crate) mod tokens;
 mod admin;
 mod auth;
 mod categories;
+mod cors;
 mod health;
 mod idempotency;
 pub(crate) mod middleware;
@@ -71,12 +72,15 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes(None).split_for_parts().1
+    let mut doc = routes(None).split_for_parts().1;
+    openapi::document_cors(&mut doc, &crate::config::CorsConfig::default());
+    doc
 }
 
 /// The whole HTTP application: API, health, metrics and docs, with the observing middleware.
 pub fn app(state: AppState) -> Router {
-    let (router, spec) = routes(Some(&state)).split_for_parts();
+    let (router, mut spec) = routes(Some(&state)).split_for_parts();
+    openapi::document_cors(&mut spec, &state.config.worker.cors);
     router
         .merge(openapi::docs(spec))
         .fallback(middleware::not_found)
@@ -87,6 +91,11 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             state.config.worker.body_limit.as_u64() as usize,
         ))
+        // Outside the rate limit (preflights are free), inside `observe` (they are logged,
+        // with a request id).
+        .layer(tower::util::option_layer(cors::layer(
+            &state.config.worker.cors,
+        )))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::observe,

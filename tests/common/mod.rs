@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod codings;
 pub mod expect;
 pub mod flows;
 pub mod ports;

@@ -24,6 +24,7 @@ mod binary;
 mod bodies;
 #[path = "../common/mod.rs"]
 mod common;
+mod compression;
 mod headers;
 mod health;
 mod retries;
@@ -118,6 +119,9 @@ fn pattern_stream(
 // - `/download/<n>`: streams `n` pattern bytes; `/gated/<n>`: the same, pausing after the first
 //   chunk until `release` is cancelled.
 // - `/hop`: an answer carrying hop-by-hop headers.
+// - `/typed/<n>`: [`text_body`] of `n` bytes with the headers the query names (`type` →
+//   Content-Type, `encoding`, `etag`, `cache` → Cache-Control); `type` also sets the
+//   Content-Type of `/download` and `/gated`.
 // - anything else: echoes method, target, version, headers (name → [values]) and body length.
 // ---------------------------------------------------------------------------------------------
 
@@ -308,7 +312,15 @@ async fn upstream_handle(
         (Some(kind @ ("download" | "gated")), Some(n)) => {
             let total: u64 = n.parse().unwrap();
             let gate = (kind == "gated").then(|| (CHUNK as u64, state.release.clone()));
-            Response::new(StreamBody::new(pattern_stream(total, gate)).boxed_unsync())
+            let mut response =
+                Response::new(StreamBody::new(pattern_stream(total, gate)).boxed_unsync());
+            set_query_headers(&req, response.headers_mut());
+            response
+        }
+        (Some("typed"), Some(n)) => {
+            let mut response = reply(200, text_body(n.parse().unwrap()));
+            set_query_headers(&req, response.headers_mut());
+            response
         }
         (Some("hop"), _) => {
             let mut response = reply(200, "hop");
@@ -354,6 +366,28 @@ async fn upstream_handle(
         }
     };
     Ok(response)
+}
+
+/// `n` bytes of JSON-like text.
+fn text_body(n: usize) -> Bytes {
+    let unit = b"{\"title\":\"Quarterly report\",\"status\":\"pending\"},";
+    unit.iter().copied().cycle().take(n).collect()
+}
+
+/// The response headers named by the request's query (see the upstream's routes).
+fn set_query_headers(req: &Request<Incoming>, headers: &mut hyper::HeaderMap) {
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(req.uri().query().unwrap_or_default()).unwrap();
+    for (key, value) in query {
+        let name = match key.as_str() {
+            "type" => "content-type",
+            "encoding" => "content-encoding",
+            "etag" => "etag",
+            "cache" => "cache-control",
+            _ => continue,
+        };
+        headers.insert(name, value.parse().unwrap());
+    }
 }
 
 /// The values an echoing upstream saw for header `name`.
