@@ -247,6 +247,17 @@ async fn connections_past_the_limit_wait_for_a_slot() {
         (2, 1),
         "connections served at once with max_connections = 2"
     );
+    // Operators see it: every slot taken, accepting paused.
+    let status = admin::status_document(&proxy.proxy, None);
+    assert_eq!(status["connections"]["open"], 2, "{status}");
+    assert_eq!(status["connections"]["max"], 2, "{status}");
+    let metrics = proxy.proxy.render_metrics();
+    assert_eq!(sample(&metrics, "taskd_proxy_connections_open"), Some(2.0));
+    assert_eq!(sample(&metrics, "taskd_proxy_connections_max"), Some(2.0));
+    assert_eq!(
+        sample(&metrics, "taskd_proxy_accept_paused_total"),
+        Some(1.0)
+    );
     // A slot frees: the waiting connection is served.
     drop(answered.pop());
     let mut head = [0u8; 12];
@@ -254,6 +265,11 @@ async fn connections_past_the_limit_wait_for_a_slot() {
         .await
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
+    drop((answered, waiting));
+    eventually("the closed connections are no longer counted", || {
+        proxy.proxy.connections().open == 0
+    })
+    .await;
 }
 
 /// `proxy.write_timeout`: a client that asks for a large download and stops reading is cut

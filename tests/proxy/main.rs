@@ -2,8 +2,8 @@
 //! on port 0 with its real serving threads, in front of small hyper upstreams spawned by each
 //! test, and every assertion is about what a client (or an upstream, or an operator reading
 //! `/status` and `/metrics`) would observe. The harness is here; the tests are in one file per
-//! topic (`balancing`, `headers`, `bodies`, `retries`, `health`, `shutdown`, `admin_listener`), and
-//! `binary` runs the built executable.
+//! topic (`balancing`, `headers`, `bodies`, `retries`, `health`, `shutdown`, `admin_listener`,
+//! `upgrade`), and `binary` runs the built executable.
 //!
 //! Logs of the proxy go to the test output when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
 
@@ -28,6 +28,7 @@ mod headers;
 mod health;
 mod retries;
 mod shutdown;
+mod upgrade;
 
 use bytes::Bytes;
 use common::init_tracing;
