@@ -15,6 +15,10 @@
 
 #[path = "common/ports.rs"]
 mod ports;
+// Its own `super::ports` is this file's `ports`; only the test CA is used here.
+#[allow(dead_code)]
+#[path = "common/tls.rs"]
+mod tls;
 #[path = "common/walkthrough.rs"]
 mod walkthrough;
 
@@ -908,4 +912,74 @@ async fn the_readme_walkthrough_runs_verbatim() {
     );
 
     walkthrough::check_output(&stdout);
+}
+
+/// `serve --tls-cert/--tls-key`: HTTPS in front of the workers, and SIGHUP reads the files again
+/// before rolling the workers.
+#[tokio::test]
+async fn serve_terminates_https_and_reads_the_certificate_again_on_sighup() {
+    let _turn = TURN.lock().await;
+    let h = Harness::new(1);
+    let (old, new) = (
+        tls::TestCa::new(&h.dir, "old"),
+        tls::TestCa::new(&h.dir, "new"),
+    );
+    let (cert, key) = (h.dir.join("cert.pem"), h.dir.join("key.pem"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let https = free_port();
+    let mut command = h.command(1);
+    command
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(["--tls-listen", &format!("127.0.0.1:{https}")]);
+    let mut cluster = h.spawn(command);
+    cluster
+        .wait_status("the worker ready", READY_TIMEOUT, |s| {
+            s["workers"][0]["state"] == "ready"
+        })
+        .await;
+    let trusting = |ca: &tls::TestCa| {
+        let pem = std::fs::read(&ca.ca).unwrap();
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{https}/health/live");
+    let response = trusting(&old).get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-served-by"], "worker-1");
+    let banner = Cluster::log_with(&cluster.stdout, "HTTPS", READY_TIMEOUT).await;
+    assert!(
+        banner.contains(&format!("https://127.0.0.1:{https}/api/v1")),
+        "{banner}"
+    );
+
+    std::fs::copy(&new.cert, &cert).unwrap();
+    std::fs::copy(&new.key, &key).unwrap();
+    signal(cluster.pid(), libc::SIGHUP);
+    let stderr =
+        Cluster::log_with(&cluster.stderr, "rolling restart finished", REACT_TIMEOUT).await;
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("TLS certificate reloaded") && l.contains("SIGHUP")),
+        "{}",
+        cluster.logs()
+    );
+    assert!(
+        stderr.contains("rolling restart finished"),
+        "{}",
+        cluster.logs()
+    );
+    let response = trusting(&new).get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    signal(cluster.pid(), libc::SIGTERM);
+    assert!(cluster.wait_exit(REACT_TIMEOUT).await.success());
 }

@@ -2,11 +2,11 @@
 
 use super::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_taskd");
+pub(super) const BIN: &str = env!("CARGO_BIN_EXE_taskd");
 
 /// `taskd proxy <args>` with a clean environment, in an empty directory (no `config.toml`),
 /// logging to `dir/stderr`.
-fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+pub(super) fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
         .arg("proxy")
@@ -27,7 +27,7 @@ fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Comman
     command
 }
 
-fn output_of(dir: &std::path::Path) -> String {
+pub(super) fn output_of(dir: &std::path::Path) -> String {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     format!("stdout:\n{}\nstderr:\n{}", read("stdout"), read("stderr"))
 }
