@@ -64,6 +64,42 @@ pub struct ProxyArgs {
     /// Address of /status and /metrics (overrides admin.listen) [default: 127.0.0.1:8081].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// HTTPS flags of `serve` and `proxy`.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain for HTTPS, server certificate first, e.g. an ACME client's
+    /// fullchain.pem (overrides proxy.tls.cert; needs --tls-key). Read again on SIGHUP and when
+    /// the file changes.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (overrides proxy.tls.key).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Address of the HTTPS listener (overrides proxy.tls.listen) [default: 0.0.0.0:8443].
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+}
+
+impl TlsArgs {
+    fn overrides(&self, proxy: &mut serde_json::Map<String, Value>) {
+        let mut tls = serde_json::Map::new();
+        if let Some(cert) = &self.tls_cert {
+            tls.insert("cert".into(), json!(cert));
+        }
+        if let Some(key) = &self.tls_key {
+            tls.insert("key".into(), json!(key));
+        }
+        if let Some(listen) = self.tls_listen {
+            tls.insert("listen".into(), json!(listen));
+        }
+        if !tls.is_empty() {
+            proxy.insert("tls".into(), Value::Object(tls));
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +118,8 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:8081].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn parse_upstream(raw: &str) -> Result<String, String> {
@@ -170,6 +208,7 @@ impl Cli {
             if let Some(listen) = args.admin_listen {
                 admin.insert("listen".into(), json!(listen));
             }
+            args.tls.overrides(&mut proxy);
         }
         if let Command::Proxy(args) = &self.command {
             if let Some(listen) = args.listen {
@@ -181,6 +220,7 @@ impl Cli {
             if let Some(listen) = args.admin_listen {
                 admin.insert("listen".into(), json!(listen));
             }
+            args.tls.overrides(&mut proxy);
         }
         json!({
             "telemetry": telemetry,
@@ -203,6 +243,14 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     if let Command::Config = cli.command {
         print!("{}", config.redacted_toml());
+        // The TLS files are configuration too: a pair that would stop `serve` or `proxy` at
+        // start-up fails here.
+        if let Some((cert, key)) = config.proxy.tls.files()
+            && let Err(error) = crate::proxy::tls::load(cert, key)
+        {
+            eprintln!("taskd: {error}");
+            return ExitCode::from(2);
+        }
         return ExitCode::SUCCESS;
     }
     crate::telemetry::init(&config.telemetry);

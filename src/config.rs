@@ -441,10 +441,16 @@ pub struct ProxyConfig {
     pub compression: bool,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced (CIDRs). Default none.
     pub trusted_proxies: Vec<IpNet>,
-    /// How long in-flight requests may run after SIGTERM before the proxy exits anyway.
-    /// Default 10s.
+    /// An upgraded connection (WebSocket or another HTTP/1.1 `Upgrade`) with no bytes either
+    /// way for this long is closed. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_idle_timeout: Duration,
+    /// How long in-flight requests (upgraded connections included) may run after SIGTERM before
+    /// the proxy exits anyway. Default 10s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// HTTPS: TLS termination on a second listener.
+    pub tls: ProxyTlsConfig,
     /// Active health checks.
     pub health: HealthCheckConfig,
     /// Passive health: ejection after repeated failures of real requests.
@@ -469,10 +475,53 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             compression: true,
             trusted_proxies: Vec::new(),
+            upgrade_idle_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(10),
+            tls: ProxyTlsConfig::default(),
             health: HealthCheckConfig::default(),
             passive: PassiveHealthConfig::default(),
         }
+    }
+}
+
+/// `[proxy.tls]`: on when `cert` and `key` are both set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyTlsConfig {
+    /// Address of the HTTPS listener (served by the same threads, connection cap and timeouts
+    /// as `proxy.listen`). Default `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// PEM file of the certificate chain, the server's certificate first (e.g. an ACME client's
+    /// `fullchain.pem`). Read again on SIGHUP and when the file changes. Default: none (no HTTPS).
+    pub cert: Option<PathBuf>,
+    /// PEM file of the certificate's private key (PKCS#8, PKCS#1 or SEC1). Read again with
+    /// `cert`. Default: none.
+    pub key: Option<PathBuf>,
+    /// Answer every request on `proxy.listen` with a 308 redirect to the same URL over HTTPS.
+    /// Default false.
+    pub redirect_http: bool,
+    /// Longest a client may take over its TLS handshake, from the TCP connection on; then the
+    /// connection is closed. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ProxyTlsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            cert: None,
+            key: None,
+            redirect_http: false,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ProxyTlsConfig {
+    /// The certificate and key files, when HTTPS is on.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_deref()?, self.key.as_deref()?))
     }
 }
 
@@ -839,6 +888,27 @@ impl Config {
                 ),
             )?;
         }
+        let tls = &self.proxy.tls;
+        check(
+            tls.cert.is_some() || tls.key.is_none(),
+            "proxy.tls.cert",
+            "is needed with proxy.tls.key (--tls-cert)",
+        )?;
+        check(
+            tls.key.is_some() || tls.cert.is_none(),
+            "proxy.tls.key",
+            "is needed with proxy.tls.cert (--tls-key)",
+        )?;
+        check(
+            !tls.redirect_http || tls.files().is_some(),
+            "proxy.tls.redirect_http",
+            "needs HTTPS: set proxy.tls.cert and proxy.tls.key",
+        )?;
+        check(
+            tls.files().is_none() || tls.listen != self.proxy.listen,
+            "proxy.tls.listen",
+            "must differ from proxy.listen",
+        )?;
         for upstream in &self.proxy.upstreams {
             check(
                 parse_upstream_url(upstream).is_ok(),
@@ -860,6 +930,14 @@ impl Config {
             (!self.proxy.idle_timeout.is_zero(), "proxy.idle_timeout"),
             (!self.proxy.body_timeout.is_zero(), "proxy.body_timeout"),
             (!self.proxy.write_timeout.is_zero(), "proxy.write_timeout"),
+            (
+                !self.proxy.upgrade_idle_timeout.is_zero(),
+                "proxy.upgrade_idle_timeout",
+            ),
+            (
+                !self.proxy.tls.handshake_timeout.is_zero(),
+                "proxy.tls.handshake_timeout",
+            ),
             (self.proxy.max_connections >= 1, "proxy.max_connections"),
             (self.proxy.retries <= 16, "proxy.retries"),
             (self.proxy.health.path.starts_with('/'), "proxy.health.path"),
@@ -1026,7 +1104,14 @@ mod tests {
         let render = |c: &Config| toml::to_string(c).unwrap();
         assert_eq!(render(&committed), render(&Config::default()));
         let text = std::fs::read_to_string(&path).unwrap();
-        for key in ["read_url", "direct_url", "instance_id", "tls_ca"] {
+        for key in [
+            "read_url",
+            "direct_url",
+            "instance_id",
+            "tls_ca",
+            "cert =",
+            "key =",
+        ] {
             assert!(text.contains(key), "config.toml does not mention {key}");
         }
     }
@@ -1101,6 +1186,15 @@ mod tests {
             jail.create_file("config.toml", "[redis]\ntls_ca = \"/etc/ca.pem\"\n")?;
             let err = Config::load(None, serde_json::json!({})).unwrap_err();
             assert!(err.to_string().contains("redis.tls_ca"), "{err}");
+            jail.create_file("config.toml", "[proxy.tls]\ncert = \"/etc/cert.pem\"\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("proxy.tls.key"), "{err}");
+            jail.create_file("config.toml", "[proxy.tls]\nredirect_http = true\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("proxy.tls.redirect_http"), "{err}");
+            jail.create_file("config.toml", "[proxy.tls]\ncrt = \"/etc/cert.pem\"\n")?;
+            let err = Config::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("crt"), "{err}");
             Ok(())
         });
     }

@@ -60,7 +60,11 @@ pub fn status_document(proxy: &Proxy, extension: Option<&dyn AdminExtension>) ->
         "uptimeSeconds": proxy.uptime().as_secs(),
         "strategy": proxy.config().strategy.as_str(),
         "upstreams": proxy.upstreams(),
+        "connections": proxy.connections(),
     });
+    if let (Some(tls), Some(object)) = (proxy.tls(), doc.as_object_mut()) {
+        object.insert("tls".into(), json!(tls));
+    }
     if let (Some(extension), Some(object)) = (extension, doc.as_object_mut()) {
         object.extend(extension.status_fields());
     }

@@ -32,13 +32,16 @@ pub enum ProxyError {
     /// A path the public listener does not forward (the workers' `/metrics`, docs/contract.md §8).
     #[error("not served on the public listener")]
     NotFound,
+    /// A request to redirect to HTTPS (`proxy.tls.redirect_http`) that names no valid host.
+    #[error("no valid Host to redirect to")]
+    NoHost,
 }
 
 impl ProxyError {
     /// The one mapping from failure to status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody(_) | ProxyError::NoHost => StatusCode::BAD_REQUEST,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -49,7 +52,7 @@ impl ProxyError {
 
     fn slug(&self) -> &'static str {
         match self {
-            ProxyError::ClientBody(_) => "bad-request",
+            ProxyError::ClientBody(_) | ProxyError::NoHost => "bad-request",
             ProxyError::Upstream(_) => "bad-gateway",
             ProxyError::NoUpstream(_) => "no-upstream",
             ProxyError::Timeout => "gateway-timeout",
@@ -78,6 +81,9 @@ impl ProxyError {
             }
             ProxyError::NotFound => {
                 "metrics are not served here; scrape the proxy's admin listener".to_owned()
+            }
+            ProxyError::NoHost => {
+                "this address redirects to HTTPS, which needs a valid Host header".to_owned()
             }
         };
         let request_id = request_id.and_then(|v| v.to_str().ok()).unwrap_or_default();

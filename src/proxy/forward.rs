@@ -23,6 +23,7 @@ use super::{
     compress,
     error::ProxyError,
     idle::Watch,
+    listen::Client,
     upstream::Upstream,
 };
 
@@ -54,6 +55,8 @@ pub struct Peer {
     pub addr: HeaderValue,
     /// Whether the peer is one of `proxy.trusted_proxies` (its forwarding headers are kept).
     pub trusted: bool,
+    /// Whether the connection came to the HTTPS listener (`X-Forwarded-Proto: https`).
+    pub https: bool,
 }
 
 impl Peer {
@@ -63,16 +66,24 @@ impl Peer {
             addr: HeaderValue::from_str(&ip.to_canonical().to_string())
                 .expect("an IP address is a valid header"),
             trusted,
+            https: false,
         }
+    }
+
+    /// The same peer, on a connection to the HTTPS listener when `https`.
+    pub fn over_tls(self, https: bool) -> Self {
+        Self { https, ..self }
     }
 }
 
 /// Removes the hop-by-hop headers, including every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Returns the `Upgrade` header's value when `Connection` names `upgrade`: the message asks to
+/// switch protocols (or, from an upstream, did switch).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // Most messages carry none: one pass over the names they have (cheap comparisons) instead
     // of a hashed lookup per hop-by-hop name.
     if !headers.keys().any(|name| hop_by_hop().contains(&name)) {
-        return;
+        return None;
     }
     // Every `Connection` line counts: `Connection: close` then `Connection: x-secret` names
     // both.
@@ -82,6 +93,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|line| line.to_str().unwrap_or_default().split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
+    let upgrade = if named.contains(&header::UPGRADE) {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     for name in named {
         headers.remove(name);
     }
@@ -90,12 +106,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    upgrade
 }
 
-/// Applies the header rules of docs/contract.md §5 to a request about to be forwarded; returns its request id.
+/// The outcome of [`forwarding_headers`].
+pub struct Forwarding {
+    /// The request's id, the client's or a new one.
+    pub request_id: HeaderValue,
+    /// The protocol the request asks to upgrade to (its `Upgrade` header, named by
+    /// `Connection`); removed from the headers like every hop-by-hop header.
+    pub upgrade: Option<HeaderValue>,
+}
+
+/// Applies the header rules of docs/contract.md §5 to a request about to be forwarded.
 /// (Each header is looked up once: these lookups are a good part of the proxy's own work.)
-pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> HeaderValue {
-    strip_hop_by_hop(headers);
+pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> Forwarding {
+    let upgrade = strip_hop_by_hop(headers);
     let host = match headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
         // An HTTP/2 request carries its host in `:authority`; HTTP/1.1 upstreams need `Host`.
@@ -130,7 +156,8 @@ pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> He
         headers.insert(X_FORWARDED_FOR.clone(), peer.addr.clone());
     }
     if !peer.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        let proto = if peer.https { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if !peer.trusted || !headers.contains_key(&X_FORWARDED_HOST) {
         match host {
@@ -139,7 +166,7 @@ pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> He
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
-    match headers.get(&X_REQUEST_ID) {
+    let request_id = match headers.get(&X_REQUEST_ID) {
         Some(id) if crate::telemetry::is_safe_request_id(id.as_bytes()) => id.clone(),
         // Absent, or not something to put in every log line: a new one replaces it.
         _ => {
@@ -147,6 +174,10 @@ pub fn forwarding_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer) -> He
             headers.insert(X_REQUEST_ID.clone(), id.clone());
             id
         }
+    };
+    Forwarding {
+        request_id,
+        upgrade,
     }
 }
 
@@ -203,16 +234,32 @@ enum TryError {
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: &Peer,
+    client: &Arc<Client>,
     watch: &Watch,
 ) -> Response<ClientBody> {
     let started = Instant::now();
+    if shared.config.tls.redirect_http && !client.peer.https {
+        return super::tls::redirect(&req, shared.https_port.load(Relaxed));
+    }
     // Decremented on drop: hyper drops this future when the client goes away mid-request.
     let _in_flight = InFlightGauge::new(&shared.metrics.in_flight);
     // HTTP/1 requests are polled by their connection's task, whose sweeper times their waits.
     let swept = (req.version() != Version::HTTP_2).then_some(watch);
     let (mut parts, body) = req.into_parts();
-    let request_id = forwarding_headers(&mut parts.headers, &parts.uri, peer);
+    let Forwarding {
+        request_id,
+        upgrade,
+    } = forwarding_headers(&mut parts.headers, &parts.uri, &client.peer);
+    // An HTTP/1.1 upgrade (not h2c: an HTTP/2 connection is the proxy's to make, not the
+    // upstream's), with the hook hyper gives the request to take over its connection.
+    let upgrade = upgrade
+        .filter(|protocol| {
+            parts.version == Version::HTTP_11 && !protocol.as_bytes().eq_ignore_ascii_case(b"h2c")
+        })
+        .and_then(|protocol| {
+            let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+            Some((protocol, on_upgrade))
+        });
     let compression = if shared.config.compression {
         compress::plan(&parts)
     } else {
@@ -221,6 +268,8 @@ pub async fn handle(
     // The workers' metrics are for the operator (the admin listener), not the internet.
     let forwarded = if parts.uri.path() == "/metrics" {
         Err(ProxyError::NotFound)
+    } else if let Some((protocol, on_upgrade)) = upgrade {
+        super::upgrade::forward(&shared, client, parts, body, protocol, on_upgrade).await
     } else {
         forward(&shared, parts, body, swept).await
     };
@@ -417,7 +466,7 @@ async fn try_upstream(
             Some(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 upstream.statuses.record(parts.status.as_u16());
-                strip_hop_by_hop(&mut parts.headers);
+                let _ = strip_hop_by_hop(&mut parts.headers);
                 return Ok(Response::from_parts(
                     parts,
                     ClientBody::Upstream {
@@ -577,6 +626,31 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_is_reported_only_when_connection_names_it() {
+        let peer = Peer::new("127.0.0.1".parse().unwrap(), false);
+        let mut h = headers(&[
+            ("host", "a"),
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        let forwarding = forwarding_headers(&mut h, &uri(), &peer);
+        assert_eq!(forwarding.upgrade.unwrap(), "websocket");
+        assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
+        // `Upgrade` alone is a hop-by-hop header like any other, not a request to switch.
+        let mut h = headers(&[("host", "a"), ("upgrade", "websocket")]);
+        assert!(forwarding_headers(&mut h, &uri(), &peer).upgrade.is_none());
+        assert!(!h.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn requests_over_tls_are_forwarded_as_https() {
+        let peer = Peer::new("10.0.0.9".parse().unwrap(), false).over_tls(true);
+        let mut h = headers(&[("host", "a"), ("x-forwarded-proto", "http")]);
+        forwarding_headers(&mut h, &uri(), &peer);
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
     fn every_connection_line_names_headers_to_remove() {
         let mut h = headers(&[
             ("host", "a"),
@@ -607,7 +681,7 @@ mod tests {
             (&"x".repeat(129), false),
         ] {
             let mut h = headers(&[("host", "a"), ("x-request-id", sent)]);
-            let id = forwarding_headers(&mut h, &uri(), &peer);
+            let id = forwarding_headers(&mut h, &uri(), &peer).request_id;
             assert_eq!(id == sent, kept, "{sent:?}");
             assert_eq!(h["x-request-id"], id);
             if !kept {

@@ -101,8 +101,24 @@ pub struct ProxyMetrics {
     pub retries: AtomicU64,
     /// Answers the proxy wrote itself, by status (502, 503, 504, ...).
     pub local: StatusCounts,
-    /// Requests being handled right now.
+    /// Requests being handled right now (an upgraded connection counts as one until it closes).
     pub in_flight: AtomicU64,
+    /// Upgraded connections (WebSocket, other `Upgrade`s) open now.
+    pub upgraded: AtomicU64,
+    /// Connections accepted while every `proxy.max_connections` slot was taken (accepting then
+    /// paused until one freed).
+    pub accept_paused: AtomicU64,
+    /// TLS handshakes that failed, and those that ran out of `proxy.tls.handshake_timeout`.
+    pub tls_handshake_errors: AtomicU64,
+    pub tls_handshake_timeouts: AtomicU64,
+}
+
+/// The HTTPS certificate's figures for `/metrics`.
+pub struct TlsGauges {
+    /// End of the served certificate's validity, Unix seconds.
+    pub not_after: i64,
+    pub reloads: u64,
+    pub reload_failures: u64,
 }
 
 impl ProxyMetrics {
@@ -178,6 +194,61 @@ impl ProxyMetrics {
             }
         }
         out
+    }
+}
+
+impl ProxyMetrics {
+    /// The client-side series (connections, upgrades, TLS), appended to `out`.
+    pub fn render_edge(&self, out: &mut String, open: usize, max: usize, tls: Option<TlsGauges>) {
+        let gauges: [(&str, &str, &str, u64); 4] = [
+            (
+                "taskd_proxy_connections_open",
+                "gauge",
+                "Client connections open (HTTPS ones from the start of their handshake).",
+                open as u64,
+            ),
+            (
+                "taskd_proxy_connections_max",
+                "gauge",
+                "proxy.max_connections: past it, accepting pauses.",
+                max as u64,
+            ),
+            (
+                "taskd_proxy_accept_paused_total",
+                "counter",
+                "Connections accepted while every slot was taken (they waited for one).",
+                self.accept_paused.load(Relaxed),
+            ),
+            (
+                "taskd_proxy_upgraded_connections",
+                "gauge",
+                "Upgraded connections (WebSocket and other Upgrades) open.",
+                self.upgraded.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let Some(tls) = tls else { return };
+        let _ = writeln!(
+            out,
+            "# HELP taskd_proxy_tls_handshake_failures_total TLS handshakes that failed or timed out.\n# TYPE taskd_proxy_tls_handshake_failures_total counter\ntaskd_proxy_tls_handshake_failures_total{{reason=\"error\"}} {}\ntaskd_proxy_tls_handshake_failures_total{{reason=\"timeout\"}} {}",
+            self.tls_handshake_errors.load(Relaxed),
+            self.tls_handshake_timeouts.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP taskd_proxy_tls_certificate_expiry_seconds End of the served certificate's validity (Unix time).\n# TYPE taskd_proxy_tls_certificate_expiry_seconds gauge\ntaskd_proxy_tls_certificate_expiry_seconds {}",
+            tls.not_after
+        );
+        let _ = writeln!(
+            out,
+            "# HELP taskd_proxy_tls_reloads_total Certificate reloads (SIGHUP, changed files), by result.\n# TYPE taskd_proxy_tls_reloads_total counter\ntaskd_proxy_tls_reloads_total{{result=\"ok\"}} {}\ntaskd_proxy_tls_reloads_total{{result=\"failed\"}} {}",
+            tls.reloads, tls.reload_failures
+        );
     }
 }
 

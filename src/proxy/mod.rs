@@ -1,10 +1,15 @@
 //! The load balancer (`taskd proxy`, and inside `taskd serve`): HTTP/1.1 and h2c from clients,
-//! pooled HTTP/1.1 keep-alive connections to upstream workers.
+//! HTTPS (h2 and HTTP/1.1) when `[proxy.tls]` is on, pooled HTTP/1.1 keep-alive connections to
+//! upstream workers.
 //!
 //! # Layout
 //!
-//! - [`Proxy`]: the upstream set and the interface the supervisor drives (add, drain, remove).
+//! - [`Proxy`]: the upstream set and the interface the supervisor drives (add, drain, remove,
+//!   reload).
+//! - [`listen`]: the listening sockets, each thread's accept loop, one client connection's life.
+//! - [`tls`]: the HTTPS listener's certificate, reloaded in place; the redirect to HTTPS.
 //! - [`forward`]: one request: header rules, choosing an upstream, retries, own errors.
+//! - [`upgrade`]: WebSocket and other HTTP/1.1 upgrades, bytes copied both ways.
 //! - [`upstream`]: one upstream's health, counters and connection pool.
 //! - [`body`]: the streamed request and response bodies.
 //! - [`compress`]: responses compressed as they stream (`proxy.compression`).
@@ -26,35 +31,32 @@ pub(crate) mod compress;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod idle;
+pub(crate) mod listen;
 pub(crate) mod metrics;
+pub(crate) mod tls;
+pub(crate) mod upgrade;
 pub mod upstream;
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProxyConfig, Strategy, parse_upstream_url};
 
+pub use self::listen::Listeners;
 use self::{
-    forward::Peer,
     metrics::ProxyMetrics,
+    tls::Certificates,
     upstream::{Upstream, UpstreamState, now_ms, set_pool_slot},
 };
 
@@ -78,8 +80,20 @@ pub struct Shared {
     runtime: tokio::runtime::Handle,
     /// One permit per open client connection (`proxy.max_connections`), all threads together.
     connections: Arc<tokio::sync::Semaphore>,
+    /// `proxy.max_connections` as the semaphore holds it (at most its maximum).
+    max_connections: usize,
     /// Request-body bytes held in memory for retries right now, all requests together.
     buffered: Arc<AtomicU64>,
+    /// HTTPS, when `[proxy.tls]` is on.
+    tls: Option<TlsState>,
+    /// The HTTPS listener's port, for `proxy.tls.redirect_http` (known once it is bound).
+    https_port: AtomicU16,
+}
+
+/// The HTTPS side of the proxy.
+struct TlsState {
+    certificates: Arc<Certificates>,
+    acceptor: tokio_rustls::TlsAcceptor,
 }
 
 /// Most request-body bytes the proxy holds for retries at once: this many times
@@ -195,6 +209,30 @@ pub struct UpstreamStatus {
     pub last_probe_ms: Option<u64>,
 }
 
+/// Client connections as `/status` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionsStatus {
+    /// Client connections open now (HTTPS ones from the start of their handshake).
+    pub open: usize,
+    /// `proxy.max_connections`: past it, accepting pauses until one closes.
+    pub max: usize,
+    /// Of the open ones, those upgraded (WebSocket and other `Upgrade`s).
+    pub upgraded: u64,
+}
+
+/// The HTTPS listener's certificate as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsStatus {
+    pub subject: String,
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// Reloads that replaced the certificate, and those that kept it (the new one failed).
+    pub reloads: u64,
+    pub reload_failures: u64,
+}
+
 /// The load balancer. Cheap to clone; every clone drives the same upstream set.
 #[derive(Clone)]
 pub struct Proxy {
@@ -210,9 +248,20 @@ impl Proxy {
             n => n,
         };
         let upstreams = config.upstreams.clone();
-        let config_max_connections = config
+        let max_connections = config
             .max_connections
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let tls = match config.tls.files() {
+            None => None,
+            Some(_) => {
+                let certificates = Certificates::new(&config.tls)?;
+                let acceptor = tokio_rustls::TlsAcceptor::from(certificates.server_config());
+                Some(TlsState {
+                    certificates,
+                    acceptor,
+                })
+            }
+        };
         let proxy = Self {
             shared: Arc::new(Shared {
                 config,
@@ -224,8 +273,11 @@ impl Proxy {
                 threads,
                 runtime: tokio::runtime::Handle::try_current()
                     .context("the proxy needs a tokio runtime")?,
-                connections: Arc::new(tokio::sync::Semaphore::new(config_max_connections)),
+                connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+                max_connections,
                 buffered: Arc::default(),
+                tls,
+                https_port: AtomicU16::new(0),
             }),
         };
         for url in upstreams {
@@ -358,21 +410,86 @@ impl Proxy {
         self.shared.started.elapsed()
     }
 
-    /// The proxy's counters in the Prometheus text format.
-    pub fn render_metrics(&self) -> String {
-        self.shared.metrics.render(&self.shared.upstreams.load())
+    /// Client connections open now, and the cap.
+    pub fn connections(&self) -> ConnectionsStatus {
+        let max = self.shared.max_connections;
+        ConnectionsStatus {
+            open: max.saturating_sub(self.shared.connections.available_permits()),
+            max,
+            upgraded: self.shared.metrics.upgraded.load(Relaxed),
+        }
     }
 
-    /// Serves clients on `listeners` (one per thread, see [`Listeners::bind`]) until `shutdown`
-    /// is cancelled, then stops accepting and lets in-flight requests finish for up to
-    /// `proxy.shutdown_timeout`.
+    /// The certificate the HTTPS listener presents; `None` when HTTPS is off.
+    pub fn tls(&self) -> Option<TlsStatus> {
+        let tls = self.shared.tls.as_ref()?;
+        let current = tls.certificates.current();
+        Some(TlsStatus {
+            subject: current.subject.clone(),
+            serial: current.serial.clone(),
+            not_after: chrono::DateTime::from_timestamp(current.not_after, 0)
+                .map_or_else(String::new, |t| t.to_rfc3339()),
+            reloads: tls.certificates.reloads.load(Relaxed),
+            reload_failures: tls.certificates.reload_failures.load(Relaxed),
+        })
+    }
+
+    /// Re-reads in place what the proxy takes from files: today the TLS certificate and key
+    /// (`[proxy.tls]`); the rest of `[proxy]` is fixed for the proxy's life (a full reload is
+    /// issue 22). Connections, open or being set up, are not touched. Called on SIGHUP, by
+    /// `taskd proxy` and `taskd serve`. False when a file did not load (the current
+    /// certificate is kept and the error logged).
+    pub fn reload(&self, why: &str) -> bool {
+        match &self.shared.tls {
+            Some(tls) => tls.certificates.reload(why).is_ok(),
+            None => {
+                tracing::info!(reason = why, "nothing to reload: HTTPS is off");
+                true
+            }
+        }
+    }
+
+    /// The proxy's counters in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let mut text = self.shared.metrics.render(&self.shared.upstreams.load());
+        let tls = self.shared.tls.as_ref().map(|tls| {
+            let current = tls.certificates.current();
+            metrics::TlsGauges {
+                not_after: current.not_after,
+                reloads: tls.certificates.reloads.load(Relaxed),
+                reload_failures: tls.certificates.reload_failures.load(Relaxed),
+            }
+        });
+        let connections = self.connections();
+        self.shared
+            .metrics
+            .render_edge(&mut text, connections.open, connections.max, tls);
+        text
+    }
+
+    /// Serves clients on `listeners` (one per thread, see [`Listeners::bind`]; with HTTPS sockets
+    /// too, [`Listeners::bind_tls`], exactly when `[proxy.tls]` is on) until `shutdown` is
+    /// cancelled, then stops accepting and lets in-flight requests finish for up to
+    /// `proxy.shutdown_timeout`. Meanwhile watches the TLS files for changes.
     pub async fn serve(
         self,
         listeners: Listeners,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        let Listeners { plain, tls, .. } = listeners;
+        let mut tls_sockets = match (tls, &self.shared.tls) {
+            (Some((sockets, addr)), Some(state)) => {
+                self.shared.https_port.store(addr.port(), Relaxed);
+                tokio::spawn(state.certificates.clone().watch(shutdown.clone()));
+                sockets.into_iter().map(Some).collect()
+            }
+            (None, None) => Vec::new(),
+            (Some(_), None) => anyhow::bail!("HTTPS sockets given, but proxy.tls is off"),
+            (None, Some(_)) => anyhow::bail!("proxy.tls is on, but no HTTPS sockets were bound"),
+        };
+        tls_sockets.resize_with(plain.len(), || None);
         let mut threads = Vec::new();
-        for (slot, listener) in listeners.sockets.into_iter().enumerate() {
+        for (slot, (listener, tls_listener)) in plain.into_iter().zip(tls_sockets).enumerate() {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
@@ -385,7 +502,12 @@ impl Proxy {
                     match runtime {
                         Ok(runtime) => {
                             set_pool_slot(slot);
-                            runtime.block_on(accept_loop(listener, shared, shutdown));
+                            runtime.block_on(listen::accept_loop(
+                                listener,
+                                tls_listener,
+                                shared,
+                                shutdown,
+                            ));
                         }
                         Err(error) => tracing::error!(%error, "cannot start a proxy thread"),
                     }
@@ -402,154 +524,6 @@ impl Proxy {
         }
         tracing::info!("proxy stopped");
         Ok(())
-    }
-}
-
-/// The client-facing sockets: one per serving thread, all on the same address.
-pub struct Listeners {
-    sockets: Vec<std::net::TcpListener>,
-    addr: SocketAddr,
-}
-
-impl Listeners {
-    /// Binds `count` `SO_REUSEPORT` sockets to `addr` (port 0 picks one free port for all).
-    /// Fails with `AddrInUse` when anything else holds the port, even another process that
-    /// uses `SO_REUSEPORT` itself.
-    pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Self> {
-        use socket2::{Domain, Socket, Type};
-        // An exclusive bind first: with SO_REUSEPORT alone, a second taskd on the same port would
-        // silently share it.
-        let exclusive = std::net::TcpListener::bind(addr)?;
-        let addr = exclusive.local_addr()?;
-        drop(exclusive);
-        let mut sockets = Vec::with_capacity(count);
-        for _ in 0..count.max(1) {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            socket.set_nonblocking(true)?;
-            socket.set_tcp_nodelay(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            sockets.push(socket.into());
-        }
-        Ok(Self { sockets, addr })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-/// Accepts and serves client connections on one thread until shutdown.
-async fn accept_loop(
-    listener: std::net::TcpListener,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, "cannot register the proxy listener");
-            return;
-        }
-    };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper timer for HTTP/1: the sweeper below closes connections idle for `idle_timeout`
-    // (waiting for a request or for the rest of its headers) without a timer per request.
-    builder
-        .http2()
-        // Each stream may hold an upstream request and a body buffer: fewer than hyper's 200.
-        .max_concurrent_streams(64)
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(shared.config.idle_timeout / 2));
-    let graceful = GracefulShutdown::new();
-    let mut sweeper = idle::Sweeper::new(
-        shared.config.idle_timeout,
-        shared.config.response_timeout,
-        shared.config.write_timeout,
-    );
-    let mut sweeps = tokio::time::interval(sweeper.period());
-    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    'accept: loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            _ = sweeps.tick() => {
-                sweeper.sweep();
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, or a connection reset before accept: back off
-                    // briefly rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        // Then a connection slot (`proxy.max_connections`), before the next accept: past the
-        // limit, one connection per serving thread waits here and the rest in the kernel's
-        // backlog. (A slot taken before accepting would sit idle in a thread whose socket gets
-        // no connection while another thread's connections wait.) Sweeps go on meanwhile;
-        // they are what frees slots.
-        let permit = loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'accept,
-                _ = sweeps.tick() => sweeper.sweep(),
-                permit = shared.connections.clone().acquire_owned() => match permit {
-                    Ok(permit) => break permit,
-                    Err(_) => break 'accept,
-                },
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let peer = Peer::new(peer.ip(), shared.is_trusted(peer.ip()));
-        let shared = shared.clone();
-        let watch = sweeper.watch();
-        let requests = watch.clone();
-        let service = service_fn(move |request| {
-            let shared = shared.clone();
-            let peer = peer.clone();
-            let busy = requests.begin();
-            async move {
-                let response = forward::handle(shared, request, &peer, busy.watch()).await;
-                Ok::<_, Infallible>(response.map(|body| idle::BusyBody::new(body, busy)))
-            }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _permit = permit;
-            tokio::select! {
-                biased;
-                ended = connection => if let Err(error) = ended {
-                    tracing::debug!(%error, "client connection ended with an error");
-                },
-                // Idle for `idle_timeout` with nothing in flight: dropping it closes it.
-                () = watch.closed() => {}
-            }
-        });
-    }
-    drop(listener);
-    let drained = graceful.shutdown();
-    let deadline = tokio::time::sleep(shared.config.shutdown_timeout);
-    tokio::pin!(drained, deadline);
-    loop {
-        tokio::select! {
-            () = &mut drained => break,
-            () = &mut deadline => {
-                tracing::warn!("requests still in flight after the shutdown timeout; closing them");
-                break;
-            }
-            // Requests finishing meanwhile still have their response timeout.
-            _ = sweeps.tick() => sweeper.sweep(),
-        }
     }
 }
 
@@ -580,19 +554,23 @@ async fn health_checks(shared: Arc<Shared>, upstream: Arc<Upstream>) {
     upstream.prune_idle(Duration::ZERO);
 }
 
-/// `taskd proxy`: the load balancer alone, with its admin listener.
+/// `taskd proxy`: the load balancer alone, with its admin listener. SIGHUP reloads what
+/// [`Proxy::reload`] can.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     if config.proxy.upstreams.is_empty() {
         anyhow::bail!("no upstreams: pass --upstream http://host:port or set proxy.upstreams");
     }
     let proxy = Proxy::new(config.proxy.clone())?;
-    let listeners = Listeners::bind(config.proxy.listen, proxy.threads())
-        .with_context(|| format!("cannot listen on {} (proxy.listen)", config.proxy.listen))?;
+    let listeners = bind_listeners(&config.proxy, proxy.threads())?;
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
     tracing::info!(
         listen = %listeners.local_addr(),
+        https = ?listeners.tls_addr(),
         admin = %config.admin.listen,
         upstreams = ?config.proxy.upstreams,
         strategy = config.proxy.strategy.as_str(),
@@ -607,18 +585,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         "admin listener",
         admin::serve(admin, admin::router(proxy.clone(), None), serving.clone()),
     );
-    watched.spawn("proxy", proxy.serve(listeners, serving.clone()));
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {
-            watched.join().await;
-            Ok(())
-        }
-        failed = watched.first_to_end() => {
-            tracing::error!("{failed:#}; stopping");
-            serving.cancel();
-            watched.join().await;
-            Err(failed)
+    watched.spawn("proxy", proxy.clone().serve(listeners, serving.clone()));
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                watched.join().await;
+                break Ok(());
+            }
+            failed = watched.first_to_end() => {
+                tracing::error!("{failed:#}; stopping");
+                serving.cancel();
+                watched.join().await;
+                break Err(failed);
+            }
+            _ = hangup.recv() => {
+                proxy.reload("SIGHUP");
+            }
         }
     }
+}
+
+/// The client listeners of `[proxy]`: `listen`, and `tls.listen` when HTTPS is on; an error
+/// names the address and the key (and flag) that sets it.
+pub fn bind_listeners(config: &ProxyConfig, threads: usize) -> anyhow::Result<Listeners> {
+    let mut listeners = Listeners::bind(config.listen, threads).with_context(|| {
+        format!(
+            "cannot listen on {} (proxy.listen, --listen): port {} is in use or not available",
+            config.listen,
+            config.listen.port()
+        )
+    })?;
+    if config.tls.files().is_some() {
+        let addr = config.tls.listen;
+        listeners.bind_tls(addr).with_context(|| {
+            format!(
+                "cannot listen on {addr} (proxy.tls.listen, --tls-listen): port {} is in use or \
+                 not available",
+                addr.port()
+            )
+        })?;
+    }
+    Ok(listeners)
 }

@@ -305,6 +305,24 @@ impl Upstream {
         Ok(sender)
     }
 
+    /// Opens a connection for one request that may switch protocols (`Upgrade`): never pooled,
+    /// and handed over to the caller (`hyper::upgrade::on`) when the upstream answers 101.
+    pub async fn connect_upgradable(
+        &self,
+        timeout: Duration,
+    ) -> Result<SendRequest<UpstreamBody>, ConnectError> {
+        let stream = self.tcp_connect(timeout).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
     /// A TCP connection to the upstream. `timeout` bounds the name lookup and then each
     /// address's connect on its own, as NGINX's `proxy_connect_timeout` bounds each server of
     /// an upstream block: an address that black-holes costs one timeout, then the next is tried.

@@ -73,13 +73,7 @@ pub async fn run(
     })?;
     // Every port is checked before the first worker starts, so a second `taskd serve` fails
     // at once and leaves nothing behind.
-    let listeners = Listeners::bind(config.proxy.listen, proxy.threads()).with_context(|| {
-        format!(
-            "cannot listen on {} (proxy.listen, --listen): port {} is in use or not available",
-            config.proxy.listen,
-            config.proxy.listen.port()
-        )
-    })?;
+    let listeners = crate::proxy::bind_listeners(&config.proxy, proxy.threads())?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| {
@@ -188,6 +182,7 @@ impl Cluster {
         tracker.close();
 
         let proxy_addr = listeners.local_addr();
+        let https_addr = listeners.tls_addr();
         let admin_addr = admin_listener.local_addr()?;
         // The proxy and the admin listener stop on `shutdown`, or when the other one ends.
         let serving = shutdown.child_token();
@@ -213,6 +208,7 @@ impl Cluster {
             print_banner(
                 &board,
                 proxy_addr,
+                https_addr,
                 admin_addr,
                 started.elapsed(),
                 all_ready,
@@ -227,6 +223,8 @@ impl Cluster {
                 _ = shutdown.cancelled() => break,
                 failed = watched.first_to_end() => failed,
                 _ = hangup.recv() => {
+                    // The proxy's files first (TLS certificate), then the workers.
+                    proxy.reload("SIGHUP");
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break,
@@ -320,6 +318,7 @@ async fn wait_all_ready(board: &Board, timeout: Duration, shutdown: &Cancellatio
 fn print_banner(
     board: &Board,
     proxy: SocketAddr,
+    https: Option<SocketAddr>,
     admin: SocketAddr,
     took: Duration,
     all_ready: bool,
@@ -347,8 +346,14 @@ fn print_banner(
             took.as_secs_f64()
         )
     };
+    let https = https.map_or_else(String::new, |addr| {
+        format!(
+            "\n  HTTPS      https://{}/api/v1    (listening on {addr})",
+            local(addr)
+        )
+    });
     let mut text = format!(
-        "\ntaskd serve {}: {headline}\n\n  API        http://{api}/api/v1    (listening on {proxy})\n  Docs       http://{api}/docs\n  Dashboard  http://{admin_url}/\n  Status     http://{admin_url}/status    metrics: http://{admin_url}/metrics\n  Workers   ",
+        "\ntaskd serve {}: {headline}\n\n  API        http://{api}/api/v1    (listening on {proxy}){https}\n  Docs       http://{api}/docs\n  Dashboard  http://{admin_url}/\n  Status     http://{admin_url}/status    metrics: http://{admin_url}/metrics\n  Workers   ",
         env!("CARGO_PKG_VERSION")
     );
     for w in &workers {
@@ -361,7 +366,7 @@ fn print_banner(
         ));
     }
     text.push_str(
-        "\n  Signals    SIGHUP: rolling restart, zero downtime    SIGTERM / Ctrl-C: graceful stop\n",
+        "\n  Signals    SIGHUP: TLS files re-read, rolling restart, zero downtime    SIGTERM / Ctrl-C: graceful stop\n",
     );
     println!("{text}");
 }

@@ -22,6 +22,12 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn new(dir: &Path, name: &str) -> Self {
+        Self::new_with(dir, name, |_| {})
+    }
+
+    /// [`TestCa::new`], with the server certificate's parameters changed by `edit` (validity,
+    /// names) before it is signed.
+    pub fn new_with(dir: &Path, name: &str, edit: impl FnOnce(&mut CertificateParams)) -> Self {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -35,6 +41,7 @@ impl TestCa {
         params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
+        edit(&mut params);
         let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
         let files = Self {
             ca: dir.join(format!("{name}-ca.pem")),

@@ -2,11 +2,11 @@
 
 use super::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_taskd");
+pub(super) const BIN: &str = env!("CARGO_BIN_EXE_taskd");
 
 /// `taskd proxy <args>` with a clean environment, in an empty directory (no `config.toml`),
 /// logging to `dir/stderr`.
-fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+pub(super) fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
         .arg("proxy")
@@ -27,7 +27,7 @@ fn proxy_command(dir: &std::path::Path, args: &[&str]) -> tokio::process::Comman
     command
 }
 
-fn output_of(dir: &std::path::Path) -> String {
+pub(super) fn output_of(dir: &std::path::Path) -> String {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     format!("stdout:\n{}\nstderr:\n{}", read("stdout"), read("stderr"))
 }
@@ -247,6 +247,17 @@ async fn connections_past_the_limit_wait_for_a_slot() {
         (2, 1),
         "connections served at once with max_connections = 2"
     );
+    // Operators see it: every slot taken, accepting paused.
+    let status = admin::status_document(&proxy.proxy, None);
+    assert_eq!(status["connections"]["open"], 2, "{status}");
+    assert_eq!(status["connections"]["max"], 2, "{status}");
+    let metrics = proxy.proxy.render_metrics();
+    assert_eq!(sample(&metrics, "taskd_proxy_connections_open"), Some(2.0));
+    assert_eq!(sample(&metrics, "taskd_proxy_connections_max"), Some(2.0));
+    assert_eq!(
+        sample(&metrics, "taskd_proxy_accept_paused_total"),
+        Some(1.0)
+    );
     // A slot frees: the waiting connection is served.
     drop(answered.pop());
     let mut head = [0u8; 12];
@@ -254,6 +265,11 @@ async fn connections_past_the_limit_wait_for_a_slot() {
         .await
         .unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
+    drop((answered, waiting));
+    eventually("the closed connections are no longer counted", || {
+        proxy.proxy.connections().open == 0
+    })
+    .await;
 }
 
 /// `proxy.write_timeout`: a client that asks for a large download and stops reading is cut

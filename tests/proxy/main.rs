@@ -2,8 +2,8 @@
 //! on port 0 with its real serving threads, in front of small hyper upstreams spawned by each
 //! test, and every assertion is about what a client (or an upstream, or an operator reading
 //! `/status` and `/metrics`) would observe. The harness is here; the tests are in one file per
-//! topic (`balancing`, `headers`, `bodies`, `retries`, `health`, `shutdown`, `admin_listener`), and
-//! `binary` runs the built executable.
+//! topic (`balancing`, `headers`, `bodies`, `retries`, `health`, `shutdown`, `admin_listener`,
+//! `tls`, `upgrade`), and `binary` runs the built executable.
 //!
 //! Logs of the proxy go to the test output when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
 
@@ -29,6 +29,8 @@ mod headers;
 mod health;
 mod retries;
 mod shutdown;
+mod tls;
+mod upgrade;
 
 use bytes::Bytes;
 use common::init_tracing;
@@ -447,24 +449,39 @@ fn probed_once(upstreams: &[&str]) -> ProxyConfig {
 struct TestProxy {
     proxy: Proxy,
     addr: SocketAddr,
+    /// The HTTPS listener, when `config.tls` has a certificate.
+    tls_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     serve: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestProxy {
+    /// The proxy on 127.0.0.1 port 0, and on another port 0 for HTTPS when `config.tls` has a
+    /// certificate and key.
     async fn start(config: ProxyConfig) -> Self {
         init_tracing();
+        let https = config.tls.files().is_some();
         let proxy = Proxy::new(config).unwrap();
-        let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let mut listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        if https {
+            listeners.bind_tls("127.0.0.1:0".parse().unwrap()).unwrap();
+        }
         let addr = listeners.local_addr();
+        let tls_addr = listeners.tls_addr();
         let shutdown = CancellationToken::new();
         let serve = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
         Self {
             proxy,
             addr,
+            tls_addr,
             shutdown,
             serve: Some(serve),
         }
+    }
+
+    /// `https://localhost:<port><path>` on the HTTPS listener.
+    fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.tls_addr.unwrap().port())
     }
 
     fn url(&self, path: &str) -> String {

@@ -1,6 +1,6 @@
 //! Signals to the supervisor: SIGHUP's rolling restart, SIGTERM, SIGKILL.
 
-use super::*;
+use super::{common::tls::TestCa, *};
 
 #[tokio::test]
 async fn sighup_rolls_every_worker_without_a_failed_get_or_post() {
@@ -107,4 +107,72 @@ async fn workers_exit_by_themselves_when_the_supervisor_is_killed() {
         );
     }
     eprintln!("orphaned workers gone after {:?}", gone.unwrap());
+}
+
+/// `serve --tls-cert/--tls-key`: HTTPS in front of the workers, and SIGHUP reads the files again
+/// before rolling the workers.
+#[tokio::test]
+async fn serve_terminates_https_and_reads_the_certificate_again_on_sighup() {
+    let _turn = TURN.lock().await;
+    let h = Harness::new(1);
+    let (old, new) = (TestCa::new(&h.dir, "old"), TestCa::new(&h.dir, "new"));
+    let (cert, key) = (h.dir.join("cert.pem"), h.dir.join("key.pem"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let https = free_port();
+    let mut command = h.command(1);
+    command
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(["--tls-listen", &format!("127.0.0.1:{https}")]);
+    let mut cluster = h.spawn(command);
+    cluster
+        .wait_status("the worker ready", READY_TIMEOUT, |s| {
+            s["workers"][0]["state"] == "ready"
+        })
+        .await;
+    let trusting = |ca: &TestCa| {
+        let pem = std::fs::read(&ca.ca).unwrap();
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{https}/health/live");
+    let response = trusting(&old).get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-served-by"], "worker-1");
+    let banner = cluster.log_with(false, "HTTPS", READY_TIMEOUT).await;
+    assert!(
+        banner.contains(&format!("https://127.0.0.1:{https}/api/v1")),
+        "{banner}"
+    );
+
+    std::fs::copy(&new.cert, &cert).unwrap();
+    std::fs::copy(&new.key, &key).unwrap();
+    signal(cluster.pid(), libc::SIGHUP);
+    let stderr = cluster
+        .log_with(true, "rolling restart finished", REACT_TIMEOUT)
+        .await;
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("TLS certificate reloaded") && l.contains("SIGHUP")),
+        "{}",
+        cluster.logs()
+    );
+    assert!(
+        stderr.contains("rolling restart finished"),
+        "{}",
+        cluster.logs()
+    );
+    let response = trusting(&new).get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    signal(cluster.pid(), libc::SIGTERM);
+    assert!(cluster.wait_exit(REACT_TIMEOUT).await.success());
 }
