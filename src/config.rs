@@ -417,6 +417,12 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Extra tries on other upstreams after a failure that is safe to retry. Default 2.
     pub retries: u32,
+    /// When an upstream is ejected (failed health checks, or passive ejection), how much longer
+    /// its in-flight requests that are safe to resend may wait for response headers before they
+    /// are cancelled and retried on another upstream: a host that vanished costs a request at
+    /// most this past the ejection, not `response_timeout`. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_ejection: Duration,
     /// Largest request body kept in memory so that a request which reached an upstream can
     /// be retried (idempotent methods and POSTs with `Idempotency-Key`); larger bodies are
     /// streamed and only retried when they never left the proxy. Default 1MiB.
@@ -468,6 +474,7 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             retries: 2,
+            retry_after_ejection: Duration::from_secs(1),
             retry_body_limit: ByteSize::mib(1),
             max_idle_per_upstream: 256,
             body_timeout: Duration::from_secs(30),

@@ -361,7 +361,9 @@ async fn forward(
             shared.metrics.retries.fetch_add(1, Relaxed);
         }
         let upstream = &upstreams[index];
-        match try_upstream(shared, upstream, request, swept).await {
+        // Given up on when its upstream is ejected only if it can go elsewhere next.
+        let movable = kept_parts.is_some() && attempt < config.retries;
+        match try_upstream(shared, upstream, request, swept, movable).await {
             Ok(response) => return Ok(response),
             Err(TryError::NotSent(back, reason)) => {
                 shared.record_failure(upstream, &reason);
@@ -397,11 +399,16 @@ async fn forward(
 }
 
 /// One try on one upstream: an idle pooled connection when there is one, else a new one.
+///
+/// `resendable`: the request may be sent again (its body is kept); it then waits for response
+/// headers only until `proxy.retry_after_ejection` after the upstream is ejected, and fails as
+/// sent, to be retried elsewhere.
 async fn try_upstream(
     shared: &Shared,
     upstream: &Arc<Upstream>,
     mut request: Request<UpstreamBody>,
     swept: Option<&Watch>,
+    resendable: bool,
 ) -> Result<Response<ClientBody>, TryError> {
     let config = &shared.config;
     let flight = upstream.begin();
@@ -440,12 +447,22 @@ async fn try_upstream(
             continue;
         }
         let send = sender.try_send_request(request);
-        let sent = match (&progress, swept) {
-            (None, Some(watch)) => watch.within_response_timeout(send).await,
-            (None, None) => tokio::time::timeout(config.response_timeout, send)
-                .await
-                .ok(),
-            (Some(progress), _) => until_quiet(send, progress, config.response_timeout).await,
+        let wait = async {
+            match (&progress, swept) {
+                (None, Some(watch)) => watch.within_response_timeout(send).await,
+                (None, None) => tokio::time::timeout(config.response_timeout, send)
+                    .await
+                    .ok(),
+                (Some(progress), _) => until_quiet(send, progress, config.response_timeout).await,
+            }
+        };
+        let sent = if resendable {
+            match unless_ejected(wait, upstream, config.retry_after_ejection).await {
+                Some(sent) => sent,
+                None => return Err(TryError::Sent("upstream ejected while waiting".into())),
+            }
+        } else {
+            wait.await
         };
         match sent {
             None => return Err(TryError::Timeout),
@@ -481,6 +498,24 @@ async fn try_upstream(
                 ));
             }
         }
+    }
+}
+
+/// Awaits `wait` (an upstream's response headers); `None` when the upstream is ejected
+/// meanwhile and `grace` then passes without an answer. The ejection is noticed however long
+/// before it the wait began: the waiter is registered before the first poll.
+async fn unless_ejected<T>(
+    wait: impl std::future::Future<Output = T>,
+    upstream: &Upstream,
+    grace: std::time::Duration,
+) -> Option<T> {
+    let ejection = upstream.ejection();
+    tokio::pin!(ejection, wait);
+    ejection.as_mut().enable();
+    tokio::select! {
+        biased;
+        answered = &mut wait => Some(answered),
+        () = &mut ejection => tokio::time::timeout(grace, wait).await.ok(),
     }
 }
 

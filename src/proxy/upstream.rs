@@ -97,6 +97,9 @@ pub struct Upstream {
     last_probe_ms: AtomicU64,
     /// Active health: consecutive passing and failing probes, rise/fall.
     health: Consecutive,
+    /// Woken when the upstream is ejected (active or passive), for the requests waiting on it
+    /// that may be sent elsewhere (`proxy.retry_after_ejection`).
+    ejected: Notify,
     /// Failed requests within the current `fail_timeout` window.
     fail_window: Mutex<FailWindow>,
     /// Idle keep-alive connections, one pool per serving thread.
@@ -146,6 +149,7 @@ impl Upstream {
             ejections: AtomicU64::new(0),
             last_probe_ms: AtomicU64::new(u64::MAX),
             health: Consecutive::new(healthy),
+            ejected: Notify::new(),
             fail_window: Mutex::new(FailWindow::default()),
             idle: (0..pool_slots.max(1))
                 .map(|_| Mutex::new(Vec::new()))
@@ -235,13 +239,31 @@ impl Upstream {
         // The active checker must see `rise` fresh passes before it may end the ejection early.
         self.health.restart_passes();
         self.ejections.fetch_add(1, Relaxed);
+        drop(fails);
+        self.on_ejection();
         true
+    }
+
+    /// What an ejection does besides taking the upstream out of rotation: requests waiting on
+    /// it learn of it, and its idle connections (likely to a dead host) are closed.
+    fn on_ejection(&self) {
+        self.ejected.notify_waiters();
+        self.prune_idle(Duration::ZERO);
+    }
+
+    /// Completes when this upstream is next ejected. Call [`Notified::enable`] on it before
+    /// relying on it: only then does an ejection that happens before its first poll count.
+    pub fn ejection(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ejected.notified()
     }
 
     /// Records the outcome of an active probe. Returns the new health when it flipped.
     pub fn record_probe(&self, ok: bool, took: Duration, rise: u32, fall: u32) -> Option<bool> {
         self.last_probe_ms.store(took.as_millis() as u64, Relaxed);
         let flipped = self.health.record(ok, rise, fall);
+        if flipped == Some(false) {
+            self.on_ejection();
+        }
         if ok && self.health.passes() >= rise {
             // Recovered for long enough: an ejection may end before `fail_timeout`.
             self.ejected_until.store(0, Relaxed);
@@ -375,6 +397,7 @@ async fn connect_any(
             Ok(Ok(stream)) => {
                 // Requests and responses are written whole; Nagle would only add latency.
                 stream.set_nodelay(true)?;
+                dead_peer_detection(&stream)?;
                 return Ok(stream);
             }
             Ok(Err(error)) => last_error = Some(ConnectError::Io(error)),
@@ -382,6 +405,29 @@ async fn connect_any(
         }
     }
     Err(last_error.unwrap_or_else(|| ConnectError::Io(std::io::Error::other("no addresses"))))
+}
+
+/// How long data sent to an upstream may stay unacknowledged before the kernel gives up on
+/// the connection (`TCP_USER_TIMEOUT`). A worker that is merely slow acknowledges what it
+/// receives, so this never cuts a slow response; it ends connections to a host that vanished.
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive probes on idle upstream connections: the first after this much silence, then
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] of them before the connection is dropped.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// TCP keep-alive and `TCP_USER_TIMEOUT`, so a dead peer is noticed without traffic, and a
+/// pooled connection to a host that vanished is closed, not handed to the next request.
+fn dead_peer_detection(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 /// A request in flight on an upstream; dropping it ends the request.

@@ -192,3 +192,80 @@ async fn retries_are_bounded_by_the_configured_count() {
     let retries = sample(&proxy.proxy.render_metrics(), "taskd_proxy_retries_total");
     assert_eq!(retries, Some(1.0));
 }
+
+/// `proxy.retry_after_ejection`: requests waiting for an answer from an upstream that is then
+/// ejected (here by failing its health checks) are given up on `retry_after_ejection` later and
+/// sent to another upstream when that is safe (GET, keyed POST); a POST without a key keeps
+/// waiting for the upstream it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_an_ejected_upstream_move_to_another_when_safe() {
+    let (stuck, good) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    good.state.release.cancel();
+    let mut config = config(&[&stuck.url, &good.url]);
+    config.retry_after_ejection = Duration::from_millis(300);
+    let proxy = Arc::new(TestProxy::start(config).await);
+    let client = client();
+    let send = |kind: &'static str, i: usize| {
+        let (client, url) = (client.clone(), proxy.url("/hold"));
+        tokio::spawn(async move {
+            let request = match kind {
+                "GET" => client.get(&url),
+                "keyed POST" => client
+                    .post(&url)
+                    .header("idempotency-key", format!("k-{i}")),
+                _ => client.post(&url),
+            };
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (kind, status, response.text().await.unwrap(), Instant::now())
+        })
+    };
+    let mut requests = Vec::new();
+    for i in 0..4 {
+        for kind in ["GET", "keyed POST", "POST"] {
+            requests.push(send(kind, i));
+        }
+    }
+    // Round robin sends about half to the upstream that holds them.
+    let deadline = Instant::now() + WAIT;
+    while stuck.state.active.load(SeqCst) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the holding upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = stuck.state.active.load(SeqCst);
+
+    stuck.state.not_ready.store(true, SeqCst);
+    let ejected = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut pending = 0;
+    let mut slowest = Duration::ZERO;
+    for request in requests {
+        if !request.is_finished() {
+            pending += 1;
+            continue;
+        }
+        let (kind, status, body, done) = request.await.unwrap();
+        assert_eq!(status, 200, "{kind}: {body}");
+        if kind == "POST" {
+            assert_eq!(body, "b", "a POST without a key moved upstreams");
+        }
+        slowest = slowest.max(done.saturating_duration_since(ejected));
+    }
+    // Only POSTs without a key are still waiting on the ejected upstream, and all of those are.
+    assert_eq!(stuck.state.active.load(SeqCst), pending, "held {held}");
+    assert!(pending > 0, "no plain POST reached the holding upstream");
+    assert!(
+        held > pending,
+        "GETs or keyed POSTs still wait on the ejected upstream ({pending} of {held} held)"
+    );
+    // Two failed probes (100 ms apart) to eject, then 300 ms of grace.
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    stuck.state.release.cancel();
+}
