@@ -6,6 +6,7 @@
 #
 #   bash scripts/build-profiles.sh                 # fat, thin and none
 #   PROFILES="thin none" bash scripts/build-profiles.sh
+#   INSTRUCTIONS=0 ...   builds only (then: bash scripts/instructions.sh proxy target/build-profiles/*/release/taskd)
 #
 # The profiles are the release profile with these overrides (environment, not Cargo.toml):
 #   fat   lto = "fat",   codegen-units = 1    (profile `dist`: benchmarks and releases)
@@ -19,7 +20,7 @@ PROFILES=${PROFILES:-fat thin none}
 OUT=target/build-profiles
 mkdir -p "$OUT"
 results="$OUT/results.tsv"
-printf 'profile\twall_s\tcpu_s\tbinary_mib\tinstructions_per_request\n' >"$results"
+[ -s "$results" ] || printf 'profile\twall_s\tcpu_s\tbinary_mib\tinstructions_per_request\n' >"$results"
 
 for name in $PROFILES; do
   case "$name" in
@@ -37,8 +38,11 @@ for name in $PROFILES; do
   read -r wall user sys <"$OUT/$name.time"
   cpu=$(echo "$user + $sys" | bc)
   size=$(du -m "$dir/release/taskd" | cut -f1)
-  echo "==> $name: instructions per request"
-  per=$(bash scripts/instructions.sh proxy "$dir/release/taskd" | awk -v bin="$dir/release/taskd" '$1 == bin {print $4}')
+  per=-
+  if [ "${INSTRUCTIONS:-1}" != 0 ]; then
+    echo "==> $name: instructions per request"
+    per=$(bash scripts/instructions.sh proxy "$dir/release/taskd" | awk -v bin="$dir/release/taskd" '$1 == bin {print $4}')
+  fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$wall" "$cpu" "$size" "$per" | tee -a "$results"
 done
 echo

@@ -58,9 +58,15 @@ pub struct ProxyArgs {
     /// Address clients connect to (overrides proxy.listen) [default: 0.0.0.0:8080].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// An upstream worker, `http://host:port`; repeat for each. Replaces proxy.upstreams.
+    /// An upstream worker, `http://host:port`, optionally with its share: "http://host:port
+    /// weight=3"; repeat for each. Replaces proxy.upstreams.
     #[arg(long = "upstream", value_name = "URL", value_parser = parse_upstream)]
     pub upstreams: Vec<String>,
+    /// A name whose every address is an upstream, `host:port` (e.g. a Kubernetes headless
+    /// Service), resolved again every proxy.dns_interval; repeat for each. Replaces
+    /// proxy.upstream_dns.
+    #[arg(long = "upstream-dns", value_name = "HOST:PORT", value_parser = parse_dns)]
+    pub upstream_dns: Vec<String>,
     /// Address of /status and /metrics (overrides admin.listen) [default: 127.0.0.1:8081].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
@@ -123,7 +129,16 @@ pub struct ServeArgs {
 }
 
 fn parse_upstream(raw: &str) -> Result<String, String> {
-    crate::config::parse_upstream_url(raw)
+    let (url, weight) = crate::config::parse_upstream(raw)?;
+    Ok(if weight == 1 {
+        url
+    } else {
+        format!("{url} weight={weight}")
+    })
+}
+
+fn parse_dns(raw: &str) -> Result<String, String> {
+    crate::config::parse_dns_target(raw).map(|_| raw.to_owned())
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +232,9 @@ impl Cli {
             if !args.upstreams.is_empty() {
                 proxy.insert("upstreams".into(), json!(args.upstreams));
             }
+            if !args.upstream_dns.is_empty() {
+                proxy.insert("upstream_dns".into(), json!(args.upstream_dns));
+            }
             if let Some(listen) = args.admin_listen {
                 admin.insert("listen".into(), json!(listen));
             }
@@ -280,7 +298,16 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli.command, cli.config.as_deref(), config));
+    let reloader: crate::config::Reloader = {
+        let (file, overrides) = (cli.config.clone(), cli.overrides());
+        std::sync::Arc::new(move || Config::load(file.as_deref(), overrides.clone()))
+    };
+    let result = runtime.block_on(dispatch(
+        cli.command,
+        cli.config.as_deref(),
+        config,
+        reloader,
+    ));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // One line: a JSON log line for JSON logs (what a log pipeline reads), else plain text
@@ -300,11 +327,12 @@ async fn dispatch(
     command: Command,
     config_path: Option<&Path>,
     config: Config,
+    reloader: crate::config::Reloader,
 ) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => {
             let launch = crate::supervisor::Launch::current(config_path, &config)?;
-            crate::supervisor::run(config, launch, crate::shutdown::on_signal()).await
+            crate::supervisor::run(config, launch, reloader, crate::shutdown::on_signal()).await
         }
         Command::Worker(args) => {
             let shutdown = crate::shutdown::on_signal();
@@ -313,7 +341,9 @@ async fn dispatch(
             }
             crate::worker::run(config, shutdown).await
         }
-        Command::Proxy(_) => crate::proxy::run(config, crate::shutdown::on_signal()).await,
+        Command::Proxy(_) => {
+            crate::proxy::run(config, reloader, crate::shutdown::on_signal()).await
+        }
         Command::Migrate => {
             crate::db::migrate(&config.database).await?;
             tracing::info!("migrations applied");

@@ -394,9 +394,24 @@ impl Strategy {
 pub struct ProxyConfig {
     /// Address clients connect to. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
-    /// Upstream base URLs (`http://host:port`; host names are resolved on each new
-    /// connection). Default none; `taskd proxy --upstream` flags replace them, `taskd serve` sets its own.
+    /// Upstreams, `http://host:port`, optionally followed by ` weight=N` (1-1000, default 1: a
+    /// share of requests in proportion, as NGINX's `server ... weight=N`). Host names are
+    /// resolved on each new connection. Default none; `taskd proxy --upstream` flags replace
+    /// them, `taskd serve` sets its own.
     pub upstreams: Vec<String>,
+    /// Names whose every address is an upstream (`host:port`, e.g. a Kubernetes headless
+    /// Service), re-resolved every `dns_interval`: new addresses join (with `slow_start`),
+    /// vanished ones drain and are removed. A failed lookup keeps the current set. Default none;
+    /// `taskd proxy --upstream-dns` flags replace them.
+    pub upstream_dns: Vec<String>,
+    /// How often `upstream_dns` names are resolved again. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub dns_interval: Duration,
+    /// An upstream that joins a running proxy (a new DNS address, an admin `POST /upstreams`)
+    /// gets a share of requests that grows from a tenth to its full weight over this long, so a
+    /// cold worker is not handed its full share at once. 0s turns it off. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
     /// `round_robin` (default) or `least_conn`.
     pub strategy: Strategy,
     /// Threads serving clients, each with its own runtime and `SO_REUSEPORT` listener.
@@ -468,6 +483,9 @@ impl Default for ProxyConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             upstreams: Vec::new(),
+            upstream_dns: Vec::new(),
+            dns_interval: Duration::from_secs(5),
+            slow_start: Duration::from_secs(10),
             strategy: Strategy::RoundRobin,
             threads: 0,
             connect_timeout: Duration::from_secs(1),
@@ -589,14 +607,18 @@ impl Default for PassiveHealthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of `/status`, `/metrics` and the dashboard. Default `127.0.0.1:8081`: keep it
-    /// off public addresses, it has no authentication.
+    /// off public addresses; its read routes have no authentication.
     pub listen: SocketAddr,
+    /// Bearer token of the write routes (`POST /upstreams`, `POST /upstreams/drain`,
+    /// `DELETE /upstreams`). Empty (the default): the write routes are off.
+    pub token: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            token: String::new(),
         }
     }
 }
@@ -917,12 +939,22 @@ impl Config {
             "must differ from proxy.listen",
         )?;
         for upstream in &self.proxy.upstreams {
+            if let Err(error) = parse_upstream(upstream) {
+                check(false, "proxy.upstreams", &format!("has {error}"))?;
+            }
+        }
+        for name in &self.proxy.upstream_dns {
             check(
-                parse_upstream_url(upstream).is_ok(),
-                "proxy.upstreams",
-                &format!("has {upstream:?}, which is not an http://host:port URL"),
+                parse_dns_target(name).is_ok(),
+                "proxy.upstream_dns",
+                &format!("has {name:?}, which is not host:port"),
             )?;
         }
+        check(
+            !self.proxy.dns_interval.is_zero(),
+            "proxy.dns_interval",
+            "must be above 0s",
+        )?;
         for (ok, key) in [
             (self.proxy.threads <= 256, "proxy.threads"),
             (self.worker.threads <= 256, "worker.threads"),
@@ -1018,6 +1050,9 @@ impl Config {
         if !shown.auth.jwt_secret.is_empty() {
             shown.auth.jwt_secret = "<redacted>".into();
         }
+        if !shown.admin.token.is_empty() {
+            shown.admin.token = "<redacted>".into();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -1028,6 +1063,48 @@ fn is_exact_origin(origin: &str) -> bool {
     url::Url::parse(origin).is_ok_and(|url| {
         matches!(url.scheme(), "http" | "https") && url.origin().ascii_serialization() == origin
     })
+}
+
+/// Loads the configuration again from where it first came from (the same file, environment and
+/// command line): what SIGHUP calls to reload.
+pub type Reloader = std::sync::Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// Most an upstream's `weight=` may be.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// An entry of `proxy.upstreams` (`http://host:port [weight=N]`): the URL as
+/// [`parse_upstream_url`] returns it, and the weight (default 1).
+pub fn parse_upstream(raw: &str) -> Result<(String, u32), String> {
+    let mut words = raw.split_whitespace();
+    let url = parse_upstream_url(words.next().unwrap_or_default())?;
+    let mut weight = 1;
+    for word in words {
+        weight = word
+            .strip_prefix("weight=")
+            .and_then(|w| w.parse().ok())
+            .filter(|w| (1..=MAX_WEIGHT).contains(w))
+            .ok_or_else(|| {
+                format!("{raw:?}: after the URL only weight=N (1 to {MAX_WEIGHT}) may follow")
+            })?;
+    }
+    Ok((url, weight))
+}
+
+/// An entry of `proxy.upstream_dns`: `host:port`, host a name (or an address).
+pub fn parse_dns_target(raw: &str) -> Result<(String, u16), String> {
+    let (host, port) = raw
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{raw:?}: expected host:port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{raw:?}: the port must be 1 to 65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err(format!("{raw:?}: expected host:port"));
+    }
+    Ok((host.to_owned(), port))
 }
 
 /// Checks an upstream URL (`http://host:port`, no path) and returns it without a trailing

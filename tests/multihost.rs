@@ -294,93 +294,98 @@ fn nginx_conf(dir: &Path, upstreams: &[String]) -> String {
     path.display().to_string()
 }
 
-#[test]
-fn a_worker_host_that_vanishes_costs_no_request() {
-    // SAFETY: geteuid(2) has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let lan = if root {
-        Lan::new(&["edge", "db", "w1", "w2"])
-    } else {
-        None
-    };
-    let Some(lan) = lan else {
-        let why = "needs root and `ip netns` to make hosts of its own";
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must run this test: it {why}"
-        );
-        eprintln!("skipped: this test {why}");
-        return;
-    };
-    let nginx = std::env::var("MULTIHOST_PROXY").is_ok_and(|p| p == "nginx");
-    // How long the host stays cut off; longer in `scripts/host-cut.sh`, to outlast NGINX's
-    // 60 s `proxy_read_timeout`.
-    let outage = std::env::var("MULTIHOST_OUTAGE")
-        .ok()
-        .map_or(Duration::from_secs(6), |o| {
-            humantime::parse_duration(&o).expect("MULTIHOST_OUTAGE is a duration")
-        });
-    let lan = Arc::new(lan);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let dir = dir.path();
-    let processes = Processes::default();
-    start_stores(&processes, lan.host(DB), dir);
+/// The test's hosts, with the stores running and the workers started; removed on drop.
+struct Site {
+    /// Declared first: processes go before their hosts.
+    processes: Processes,
+    lan: Arc<Lan>,
+    dir: tempfile::TempDir,
+    /// The workers' environment: the stores on the database host.
+    env: Vec<(&'static str, String)>,
+    /// `address:3000` of each worker.
+    workers: Vec<String>,
+}
 
-    let db = lan.host(DB).addr;
-    let env = vec![
-        (
-            "DATABASE_URL",
-            format!("postgres://postgres@{db}:5432/taskd"),
-        ),
-        ("REDIS_URL", format!("redis://{db}:6379")),
-        ("TASKD_AUTH__ARGON2_MEMORY_KIB", "64".to_owned()),
-        ("TASKD_AUTH__ARGON2_ITERATIONS", "1".to_owned()),
-        ("TASKD_RATE_LIMIT__ENABLED", "false".to_owned()),
-    ];
-    let migrated = lan
-        .host(WORKERS[0])
-        .ns
-        .command([BIN, "migrate"])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap();
-    assert!(migrated.status.success(), "{migrated:?}");
-    let mut upstreams = Vec::new();
-    for (n, &index) in WORKERS.iter().enumerate() {
-        let host = lan.host(index);
-        let id = format!("w{}", n + 1);
-        spawn(
-            &processes,
-            &host.ns,
-            dir,
-            &id,
-            &[
-                BIN,
-                "worker",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                "3000",
-                "--instance-id",
+impl Site {
+    /// `None` (after saying why) where namespaces cannot be made; under `CI=true` that fails.
+    fn new() -> Option<Self> {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let lan = if root {
+            Lan::new(&["edge", "db", "w1", "w2"])
+        } else {
+            None
+        };
+        let Some(lan) = lan else {
+            let why = "needs root and `ip netns` to make hosts of its own";
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must run this test: it {why}"
+            );
+            eprintln!("skipped: this test {why}");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let processes = Processes::default();
+        start_stores(&processes, lan.host(DB), dir.path());
+        let db = lan.host(DB).addr;
+        let env = vec![
+            (
+                "DATABASE_URL",
+                format!("postgres://postgres@{db}:5432/taskd"),
+            ),
+            ("REDIS_URL", format!("redis://{db}:6379")),
+            ("TASKD_AUTH__ARGON2_MEMORY_KIB", "64".to_owned()),
+            ("TASKD_AUTH__ARGON2_ITERATIONS", "1".to_owned()),
+            ("TASKD_RATE_LIMIT__ENABLED", "false".to_owned()),
+        ];
+        let migrated = lan
+            .host(WORKERS[0])
+            .ns
+            .command([BIN, "migrate"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(migrated.status.success(), "{migrated:?}");
+        let mut workers = Vec::new();
+        for (n, &index) in WORKERS.iter().enumerate() {
+            let host = lan.host(index);
+            let id = format!("w{}", n + 1);
+            spawn(
+                &processes,
+                &host.ns,
+                dir.path(),
                 &id,
-            ],
-            &env,
-        );
-        upstreams.push(format!("{}:3000", host.addr));
-    }
-    let edge = &lan.host(EDGE).ns;
-    if nginx {
-        let conf = nginx_conf(dir, &upstreams);
-        spawn(
-            &processes,
-            edge,
+                &[
+                    BIN,
+                    "worker",
+                    "--host",
+                    "0.0.0.0",
+                    "--port",
+                    "3000",
+                    "--instance-id",
+                    &id,
+                ],
+                &env,
+            );
+            workers.push(format!("{}:3000", host.addr));
+        }
+        Some(Self {
+            processes,
+            lan: Arc::new(lan),
             dir,
-            "nginx",
-            &["nginx", "-c", &conf, "-g", "daemon off;"],
-            &[],
-        );
-    } else {
+            env,
+            workers,
+        })
+    }
+
+    fn edge(&self) -> &Namespace {
+        &self.lan.host(EDGE).ns
+    }
+
+    /// `taskd proxy` on the edge host's 127.0.0.1:8080 (admin :8081), fast health checks.
+    fn start_proxy(&self, upstream_args: &[&str], env: &[(&'static str, &str)]) {
         let mut args = vec![
             BIN,
             "proxy",
@@ -389,48 +394,90 @@ fn a_worker_host_that_vanishes_costs_no_request() {
             "--admin-listen",
             "127.0.0.1:8081",
         ];
-        let urls: Vec<String> = upstreams.iter().map(|u| format!("http://{u}")).collect();
-        for url in &urls {
-            args.extend(["--upstream", url]);
-        }
-        let mut proxy_env = env.clone();
+        args.extend(upstream_args);
+        let mut proxy_env = self.env.clone();
         proxy_env.extend([
             ("TASKD_PROXY__HEALTH__INTERVAL", "250ms".to_owned()),
             ("TASKD_PROXY__HEALTH__TIMEOUT", "500ms".to_owned()),
-            ("TASKD_PROXY__RETRY_AFTER_EJECTION", "1s".to_owned()),
         ]);
-        spawn(&processes, edge, dir, "proxy", &args, &proxy_env);
+        proxy_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        spawn(
+            &self.processes,
+            self.edge(),
+            self.dir.path(),
+            "proxy",
+            &args,
+            &proxy_env,
+        );
+    }
+}
+
+/// Waits (on the edge host) until `want` workers answer through the proxy, then registers a
+/// user; its access token.
+async fn register_once_up(base: &str, want: usize, dir: &Path) -> String {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = BTreeSet::new();
+    while seen.len() < want {
+        if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
+            && response.status().is_success()
+            && let Some(by) = response.headers().get("x-served-by")
+        {
+            seen.insert(by.to_str().unwrap().to_owned());
+        }
+        assert!(Instant::now() < deadline, "workers not up\n{}", logs(dir));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let registered: Value = client
+        .post(format!("{base}/api/v1/auth/register"))
+        .json(&json!({"email": "cut@example.com", "password": "correct horse battery", "name": "Cut"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    registered["accessToken"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_worker_host_that_vanishes_costs_no_request() {
+    let Some(site) = Site::new() else { return };
+    let nginx = std::env::var("MULTIHOST_PROXY").is_ok_and(|p| p == "nginx");
+    // How long the host stays cut off; longer in `scripts/host-cut.sh`, to outlast NGINX's
+    // 60 s `proxy_read_timeout`.
+    let outage = std::env::var("MULTIHOST_OUTAGE")
+        .ok()
+        .map_or(Duration::from_secs(6), |o| {
+            humantime::parse_duration(&o).expect("MULTIHOST_OUTAGE is a duration")
+        });
+    let (lan, dir) = (site.lan.clone(), site.dir.path());
+    let db = lan.host(DB).addr;
+    let edge = site.edge();
+    if nginx {
+        let conf = nginx_conf(dir, &site.workers);
+        spawn(
+            &site.processes,
+            edge,
+            dir,
+            "nginx",
+            &["nginx", "-c", &conf, "-g", "daemon off;"],
+            &[],
+        );
+    } else {
+        let urls: Vec<String> = site.workers.iter().map(|u| format!("http://{u}")).collect();
+        let mut args = Vec::new();
+        for url in &urls {
+            args.extend(["--upstream", url.as_str()]);
+        }
+        site.start_proxy(&args, &[("TASKD_PROXY__RETRY_AFTER_EJECTION", "1s")]);
     }
 
     let base = "http://127.0.0.1:8080".to_owned();
     let lan_for_load = lan.clone();
     let dir_logs = dir.to_owned();
     let (report, timeline) = edge.block_on(async move {
-        let client = reqwest::Client::new();
-        // Both workers up behind the proxy.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = BTreeSet::new();
-        while seen.len() < 2 {
-            if let Ok(response) = client.get(format!("{base}/health/ready")).send().await
-                && response.status().is_success()
-                && let Some(by) = response.headers().get("x-served-by")
-            {
-                seen.insert(by.to_str().unwrap().to_owned());
-            }
-            assert!(Instant::now() < deadline, "workers not up\n{}", logs(&dir_logs));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let registered: Value = client
-            .post(format!("{base}/api/v1/auth/register"))
-            .json(&json!({"email": "cut@example.com", "password": "correct horse battery", "name": "Cut"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = registered["accessToken"].as_str().unwrap().to_owned();
-
+        let token = register_once_up(&base, 2, &dir_logs).await;
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let running = tokio::spawn(load(base.clone(), token, stop.clone(), started));
@@ -513,4 +560,128 @@ fn a_worker_host_that_vanishes_costs_no_request() {
         .parse()
         .unwrap();
     assert_eq!(tasks, report.posts_ok, "keyed POSTs applied twice or lost");
+}
+
+/// The edge host's own hosts file: `ip netns exec` puts `/etc/netns/<host>/hosts` in the place
+/// of `/etc/hosts` for what it runs, so the proxy's resolver reads this file. Written in place
+/// (same inode), so the running proxy sees each change; removed on drop.
+struct HostsFile {
+    dir: std::path::PathBuf,
+}
+
+impl HostsFile {
+    fn new(ns: &Namespace) -> Self {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Every line of a name, not only the first (glibc's `multi`).
+        std::fs::write(dir.join("host.conf"), "multi on\n").unwrap();
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        Self { dir }
+    }
+
+    /// `name` resolves to `addrs` from now on.
+    fn set(&self, name: &str, addrs: &[&str]) {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for addr in addrs {
+            text.push_str(&format!("{addr} {name}\n"));
+        }
+        std::fs::write(self.dir.join("hosts"), text).unwrap();
+    }
+}
+
+impl Drop for HostsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `taskd proxy --upstream-dns workers:3000`: the name's addresses change under load (a worker
+/// host added, then the first one removed); the added one joins, the removed one drains and
+/// leaves, and not one request fails.
+#[test]
+fn workers_found_by_dns_join_and_leave_under_load() {
+    let Some(site) = Site::new() else { return };
+    let hosts = HostsFile::new(site.edge());
+    let addr = |i: usize| site.lan.host(WORKERS[i]).addr.to_string();
+    let (w1, w2) = (addr(0), addr(1));
+    hosts.set("workers", &[&w1]);
+    site.start_proxy(
+        &["--upstream-dns", "workers:3000"],
+        &[
+            ("TASKD_PROXY__DNS_INTERVAL", "300ms"),
+            ("TASKD_PROXY__SLOW_START", "1s"),
+        ],
+    );
+    let hosts = Arc::new(hosts);
+    let dir_logs = site.dir.path().to_owned();
+    let changes = hosts.clone();
+    let (report, added_at, removed_at, status) = site.edge().block_on(async move {
+        let base = "http://127.0.0.1:8080".to_owned();
+        let token = register_once_up(&base, 1, &dir_logs).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let running = tokio::spawn(load(base.clone(), token, stop.clone(), started));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        changes.set("workers", &[&w1, &w2]);
+        let added_at = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        changes.set("workers", &[&w2]);
+        let removed_at = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stop.store(true, Ordering::Relaxed);
+        let report = running.await.unwrap();
+        let status: Value = reqwest::get("http://127.0.0.1:8081/status")
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (report, added_at, removed_at, status)
+    });
+    let by = |who: &str, from: f64, to: f64| {
+        report
+            .served
+            .iter()
+            .filter(|(at, by)| *at >= from && *at < to && by == who)
+            .count()
+    };
+    eprintln!(
+        "dns: {} requests answered, {} failed, slowest {:?}; w2 answered {} after joining; w1 \
+         answered {} in the last 2 s",
+        report.ok,
+        report.failures.len(),
+        report.slowest,
+        by("w2", added_at, removed_at),
+        by("w1", removed_at + 2.0, f64::INFINITY)
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} failed: {:?}\n{}",
+        report.failures.len(),
+        &report.failures[..report.failures.len().min(5)],
+        logs(site.dir.path())
+    );
+    assert!(
+        by("w2", 0.0, added_at) == 0,
+        "w2 served before its address was there"
+    );
+    assert!(
+        by("w2", added_at, removed_at) > 0,
+        "the added address never served"
+    );
+    assert_eq!(
+        by("w1", removed_at + 2.0, f64::INFINITY),
+        0,
+        "the removed address still served"
+    );
+    let upstreams = status["upstreams"].as_array().unwrap();
+    assert_eq!(upstreams.len(), 1, "{status}");
+    assert_eq!(
+        upstreams[0]["url"],
+        format!("http://{}:3000", site.lan.host(WORKERS[1]).addr)
+    );
+    assert_eq!(
+        upstreams[0]["origin"],
+        json!({"kind": "dns", "name": "workers:3000"})
+    );
 }

@@ -1,5 +1,6 @@
 //! The operator listener: `GET /status` (JSON) and `GET /metrics` (Prometheus), plus whatever
-//! the supervisor adds (its workers, its counters, the dashboard).
+//! the supervisor adds (its workers, its counters, the dashboard), and the write routes of
+//! [`super::control`] behind `admin.token`.
 
 use std::sync::Arc;
 
@@ -38,7 +39,11 @@ pub fn router(proxy: Proxy, extension: Option<Arc<dyn AdminExtension>>) -> Route
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(AdminState { proxy, extension })
+        .with_state(AdminState {
+            proxy: proxy.clone(),
+            extension,
+        })
+        .merge(super::control::routes(proxy))
 }
 
 /// Serves the admin routes until `shutdown`.
@@ -98,7 +103,7 @@ async fn not_found() -> Response {
             "type": "/problems/not-found",
             "title": "Not Found",
             "status": 404,
-            "detail": "the admin listener serves /status, /metrics and /",
+            "detail": "the admin listener serves /status, /metrics and / (and, with admin.token, POST and DELETE /upstreams, POST /upstreams/drain)",
         })
         .to_string(),
     )

@@ -238,7 +238,8 @@ pub async fn handle(
     watch: &Watch,
 ) -> Response<ClientBody> {
     let started = Instant::now();
-    if shared.config.tls.redirect_http && !client.peer.https {
+    let limits = shared.limits();
+    if limits.redirect_http && !client.peer.https {
         return super::tls::redirect(&req, shared.https_port.load(Relaxed));
     }
     // Decremented on drop: hyper drops this future when the client goes away mid-request.
@@ -260,7 +261,7 @@ pub async fn handle(
             let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
             Some((protocol, on_upgrade))
         });
-    let compression = if shared.config.compression {
+    let compression = if limits.compression {
         compress::plan(&parts)
     } else {
         None
@@ -308,7 +309,7 @@ async fn forward(
     body: Incoming,
     swept: Option<&Watch>,
 ) -> Result<Response<ClientBody>, ProxyError> {
-    let config = &shared.config;
+    let config = shared.limits();
     // Upstreams get origin-form targets over HTTP/1.1.
     parts.uri = Uri::from(
         parts
@@ -410,7 +411,7 @@ async fn try_upstream(
     swept: Option<&Watch>,
     resendable: bool,
 ) -> Result<Response<ClientBody>, TryError> {
-    let config = &shared.config;
+    let config = shared.limits();
     let flight = upstream.begin();
     if upstream.is_draining() {
         // Picked just as a drain began: the drain may not have counted this request.

@@ -223,6 +223,25 @@ impl Sweeper {
         response_timeout: Duration,
         write_timeout: Duration,
     ) -> Self {
+        let mut sweeper = Self {
+            watches: Vec::new(),
+            idle_limit: 0,
+            response_limit: 0,
+            write_limit: 0,
+            period: Duration::ZERO,
+        };
+        sweeper.retime(idle_timeout, response_timeout, write_timeout);
+        sweeper
+    }
+
+    /// Takes up new timeouts (a reload): the sweeps counted so far stand, each worth the new
+    /// period from now on. Call [`period`](Self::period) again for the sweep interval.
+    pub fn retime(
+        &mut self,
+        idle_timeout: Duration,
+        response_timeout: Duration,
+        write_timeout: Duration,
+    ) {
         let period = (idle_timeout.min(response_timeout).min(write_timeout) / 10)
             .clamp(Duration::from_millis(1), Duration::from_secs(1));
         // The first sweep comes up to one period after the count started, so one more than the
@@ -231,13 +250,10 @@ impl Sweeper {
             let sweeps = timeout.as_nanos().div_ceil(period.as_nanos());
             u32::try_from(sweeps).unwrap_or(u32::MAX - 1) + 1
         };
-        Self {
-            watches: Vec::new(),
-            idle_limit: limit(idle_timeout),
-            response_limit: limit(response_timeout),
-            write_limit: limit(write_timeout),
-            period,
-        }
+        self.idle_limit = limit(idle_timeout);
+        self.response_limit = limit(response_timeout);
+        self.write_limit = limit(write_timeout);
+        self.period = period;
     }
 
     pub fn period(&self) -> Duration {

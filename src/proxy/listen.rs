@@ -125,25 +125,19 @@ pub(super) async fn accept_loop(
         (Some(Some(listener)), Some(tls)) => Some((listener, tls.acceptor.clone())),
         _ => return,
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper timer for HTTP/1: the sweeper below closes connections idle for `idle_timeout`
-    // (waiting for a request or for the rest of its headers) without a timer per request.
-    builder
-        .http2()
-        // Each stream may hold an upstream request and a body buffer: fewer than hyper's 200.
-        .max_concurrent_streams(64)
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(shared.config.idle_timeout / 2));
-    let builder = Arc::new(builder);
+    let mut generation = shared.generation();
+    let mut builder = connection_builder(&shared);
     let graceful = GracefulShutdown::new();
     let tunnels = TaskTracker::new();
-    let mut sweeper = idle::Sweeper::new(
-        shared.config.idle_timeout,
-        shared.config.response_timeout,
-        shared.config.write_timeout,
-    );
-    let mut sweeps = tokio::time::interval(sweeper.period());
-    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeper = {
+        let config = shared.config();
+        idle::Sweeper::new(
+            config.idle_timeout,
+            config.response_timeout,
+            config.write_timeout,
+        )
+    };
+    let mut sweeps = sweep_interval(&sweeper);
     let mut tls_first = false;
     'accept: loop {
         let (accepted, https) = tokio::select! {
@@ -151,6 +145,15 @@ pub(super) async fn accept_loop(
             _ = shutdown.cancelled() => break,
             _ = sweeps.tick() => {
                 sweeper.sweep();
+                // A reload: new client timeouts from this sweep on, for new connections the
+                // HTTP/2 keep-alive too.
+                if shared.generation() != generation {
+                    generation = shared.generation();
+                    let config = shared.config();
+                    sweeper.retime(config.idle_timeout, config.response_timeout, config.write_timeout);
+                    sweeps = sweep_interval(&sweeper);
+                    builder = connection_builder(&shared);
+                }
                 continue;
             }
             accepted = accept_either(&plain, tls.as_ref().map(|(l, _)| l), &mut tls_first) => accepted,
@@ -227,7 +230,7 @@ pub(super) async fn accept_loop(
         // Upgraded connections too: they are requests in flight until they close.
         tunnels.wait().await;
     };
-    let deadline = tokio::time::sleep(shared.config.shutdown_timeout);
+    let deadline = tokio::time::sleep(shared.config().shutdown_timeout);
     tokio::pin!(drained, deadline);
     loop {
         tokio::select! {
@@ -329,8 +332,10 @@ async fn serve_tls(
     graceful: Watcher,
     shutdown: CancellationToken,
 ) {
-    let handshake =
-        tokio::time::timeout(shared.config.tls.handshake_timeout, acceptor.accept(stream));
+    let handshake = tokio::time::timeout(
+        shared.config().tls.handshake_timeout,
+        acceptor.accept(stream),
+    );
     let metrics = &shared.metrics;
     let stream = tokio::select! {
         biased;
@@ -362,4 +367,24 @@ async fn serve_tls(
         graceful,
     );
     drive(connection, watch).await;
+}
+
+/// How client connections are served: HTTP/1.1 and HTTP/2 with the current settings.
+fn connection_builder(shared: &Shared) -> Arc<auto::Builder<TokioExecutor>> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper timer for HTTP/1: the sweeper closes connections idle for `idle_timeout`
+    // (waiting for a request or for the rest of its headers) without a timer per request.
+    builder
+        .http2()
+        // Each stream may hold an upstream request and a body buffer: fewer than hyper's 200.
+        .max_concurrent_streams(64)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(shared.config().idle_timeout / 2));
+    Arc::new(builder)
+}
+
+fn sweep_interval(sweeper: &idle::Sweeper) -> tokio::time::Interval {
+    let mut sweeps = tokio::time::interval(sweeper.period());
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweeps
 }

@@ -26,13 +26,17 @@
 //! the caller's runtime.
 
 pub mod admin;
+mod balance;
 pub(crate) mod body;
 pub(crate) mod compress;
+mod control;
+mod discovery;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub(crate) mod idle;
 pub(crate) mod listen;
 pub(crate) mod metrics;
+mod reload;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
 pub mod upstream;
@@ -51,19 +55,21 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ProxyConfig, Strategy, parse_upstream_url};
+use crate::config::{Config, ProxyConfig, Reloader, Strategy, parse_upstream, parse_upstream_url};
 
 pub use self::listen::Listeners;
 use self::{
     metrics::ProxyMetrics,
     tls::Certificates,
-    upstream::{Upstream, UpstreamState, now_ms, set_pool_slot},
+    upstream::{Joining, Origin, Upstream, UpstreamState, now_ms, set_pool_slot},
 };
 
 /// State shared by every serving thread.
 pub struct Shared {
-    /// `[proxy]`, fixed for the proxy's life.
-    config: ProxyConfig,
+    /// `[proxy]` as last loaded; a reload ([`Proxy::reload`]) swaps in a new one.
+    config: ArcSwap<ProxyConfig>,
+    /// Bumped by every reload, so serving threads notice they have settings to take up.
+    generation: AtomicU64,
     /// The upstream set. Requests read it without locking; changes swap in a new list.
     upstreams: ArcSwap<Vec<Arc<Upstream>>>,
     /// Serialises changes to `upstreams` so none is lost.
@@ -86,6 +92,9 @@ pub struct Shared {
     buffered: Arc<AtomicU64>,
     /// HTTPS, when `[proxy.tls]` is on.
     tls: Option<TlsState>,
+    /// `admin.token`: what the admin listener's write routes want as a bearer token (empty: the
+    /// routes are off).
+    admin_token: ArcSwap<String>,
     /// The HTTPS listener's port, for `proxy.tls.redirect_http` (known once it is bound).
     https_port: AtomicU16,
 }
@@ -113,11 +122,60 @@ impl Drop for BufferReservation {
     }
 }
 
+/// The settings one request reads, copied from the configuration when it starts: a reload
+/// applies to the requests that start after it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub retries: u32,
+    pub retry_body_limit: bytesize::ByteSize,
+    pub retry_after_ejection: Duration,
+    pub max_idle_per_upstream: usize,
+    pub upgrade_idle_timeout: Duration,
+    pub compression: bool,
+    pub redirect_http: bool,
+}
+
 impl Shared {
+    /// The configuration as it is now (a cheap load; drop the guard before waiting on anything).
+    fn config(&self) -> arc_swap::Guard<Arc<ProxyConfig>> {
+        self.config.load()
+    }
+
+    /// What a request starting now reads of the configuration.
+    pub(crate) fn limits(&self) -> Limits {
+        let config = self.config.load();
+        Limits {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            idle_timeout: config.idle_timeout,
+            body_timeout: config.body_timeout,
+            retries: config.retries,
+            retry_body_limit: config.retry_body_limit,
+            retry_after_ejection: config.retry_after_ejection,
+            max_idle_per_upstream: config.max_idle_per_upstream,
+            upgrade_idle_timeout: config.upgrade_idle_timeout,
+            compression: config.compression,
+            redirect_http: config.tls.redirect_http,
+        }
+    }
+
+    fn strategy(&self) -> Strategy {
+        self.config.load().strategy
+    }
+
+    /// Bumped by each reload.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
     /// Takes `bytes` of the proxy-wide retry buffer, or `None` when that would go past it.
     fn reserve_buffer(&self, bytes: u64) -> Option<BufferReservation> {
         let cap = self
-            .config
+            .config()
             .retry_body_limit
             .as_u64()
             .saturating_mul(BUFFERED_BODIES);
@@ -132,39 +190,8 @@ impl Shared {
         })
     }
 
-    /// The next upstream to try: round-robin or least-connections over the available ones not
-    /// tried yet; when none is available, any not draining (docs/contract.md §5: still try before a 503).
-    fn pick(&self, upstreams: &[Arc<Upstream>], tried: &[usize]) -> Option<usize> {
-        let n = upstreams.len();
-        if n == 0 {
-            return None;
-        }
-        let now = now_ms();
-        let start = self.next.fetch_add(1, Relaxed);
-        let open = |i: usize| !tried.contains(&i) && upstreams[i].is_available(now);
-        // The turn goes round the available upstreams only: an unavailable one's share is
-        // spread over all the others instead of falling to its neighbour.
-        let chosen = match self.config.strategy {
-            Strategy::RoundRobin => nth_of(n, start, open),
-            Strategy::LeastConn => (0..n)
-                .filter(|&i| open(i))
-                .map(|i| upstreams[i].in_flight())
-                .min()
-                .and_then(|least| {
-                    nth_of(n, start, |i| open(i) && upstreams[i].in_flight() == least)
-                }),
-        };
-        chosen.or_else(|| (0..n).find(|&i| open(i))).or_else(|| {
-            (0..n)
-                .map(|i| (start + i) % n)
-                .filter(|i| !tried.contains(i))
-                .filter(|i| upstreams[*i].state(now) != UpstreamState::Draining)
-                .min_by_key(|i| upstreams[*i].in_flight())
-        })
-    }
-
     fn record_failure(&self, upstream: &Upstream, reason: &str) {
-        let passive = &self.config.passive;
+        let passive = self.config().passive.clone();
         if upstream.record_failure(passive.max_fails, passive.fail_timeout) {
             tracing::warn!(
                 upstream = %upstream.url,
@@ -180,21 +207,11 @@ impl Shared {
 
     fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.config
+        self.config()
             .trusted_proxies
             .iter()
             .any(|net: &IpNet| net.contains(&ip))
     }
-}
-
-/// The `start`-th (modulo their number) of the indices below `n` that `keep` accepts; no
-/// allocation.
-fn nth_of(n: usize, start: usize, keep: impl Fn(usize) -> bool) -> Option<usize> {
-    let count = (0..n).filter(|&i| keep(i)).count();
-    if count == 0 {
-        return None;
-    }
-    (0..n).filter(|&i| keep(i)).nth(start % count)
 }
 
 /// One upstream as `/status` shows it.
@@ -207,6 +224,14 @@ pub struct UpstreamStatus {
     pub requests: u64,
     pub failures: u64,
     pub last_probe_ms: Option<u64>,
+    /// Its configured weight.
+    pub weight: u32,
+    /// Where it came from: `{"kind": "config"}`, `{"kind": "dns", "name": ...}`, `admin`,
+    /// `supervisor`.
+    pub origin: Origin,
+    /// While draining: how long it has been (in-flight requests finish meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining_for_ms: Option<u64>,
 }
 
 /// Client connections as `/status` shows them.
@@ -264,7 +289,8 @@ impl Proxy {
         };
         let proxy = Self {
             shared: Arc::new(Shared {
-                config,
+                config: ArcSwap::from_pointee(config),
+                generation: AtomicU64::new(0),
                 upstreams: ArcSwap::from_pointee(Vec::new()),
                 edit: Mutex::new(()),
                 next: AtomicUsize::new(0),
@@ -277,12 +303,19 @@ impl Proxy {
                 max_connections,
                 buffered: Arc::default(),
                 tls,
+                admin_token: ArcSwap::from_pointee(String::new()),
                 https_port: AtomicU16::new(0),
             }),
         };
-        for url in upstreams {
+        for entry in upstreams {
+            let (url, weight) =
+                parse_upstream(&entry).map_err(|e| anyhow::anyhow!("proxy.upstreams: {e}"))?;
+            let joining = Joining {
+                weight,
+                ..Joining::at_once(Origin::Config, true)
+            };
             proxy
-                .add_upstream(&url, true)
+                .join(&url, joining)
                 .map_err(|e| anyhow::anyhow!("proxy.upstreams: {e}"))?;
         }
         Ok(proxy)
@@ -293,16 +326,34 @@ impl Proxy {
         self.shared.threads
     }
 
-    pub fn config(&self) -> &ProxyConfig {
-        &self.shared.config
+    /// Sets `admin.token` (at start, and on a reload).
+    pub fn set_admin_token(&self, token: &str) {
+        self.shared.admin_token.store(Arc::new(token.to_owned()));
     }
 
-    /// Adds an upstream and starts its health checks. `healthy` is its state until the checks
-    /// decide (the supervisor adds workers it has already seen ready). An upstream with the same
-    /// URL that is draining is replaced; one that is not is an error.
+    /// `admin.token` as last set.
+    pub fn admin_token(&self) -> Arc<String> {
+        self.shared.admin_token.load_full()
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> Arc<ProxyConfig> {
+        self.shared.config.load_full()
+    }
+
+    /// Adds a worker of `taskd serve` (or any upstream at full weight at once) and starts its
+    /// health checks; `healthy` is its state until the checks decide (the supervisor adds
+    /// workers it has already seen ready). See [`join`](Self::join).
     pub fn add_upstream(&self, url: &str, healthy: bool) -> Result<(), String> {
+        self.join(url, Joining::at_once(Origin::Supervisor, healthy))
+    }
+
+    /// Adds an upstream as `joining` says and starts its health checks. An upstream with the
+    /// same URL that is draining is replaced; one that is not is an error.
+    pub fn join(&self, url: &str, joining: Joining) -> Result<(), String> {
         let url = parse_upstream_url(url)?;
-        let upstream = Arc::new(Upstream::new(&url, healthy, self.shared.threads));
+        let (healthy, weight) = (joining.healthy, joining.weight);
+        let upstream = Arc::new(Upstream::new(&url, joining, self.shared.threads));
         {
             let _edit = self.shared.edit.lock().unwrap_or_else(|e| e.into_inner());
             let current = self.shared.upstreams.load();
@@ -327,7 +378,7 @@ impl Proxy {
             next.push(upstream.clone());
             self.shared.upstreams.store(Arc::new(next));
         }
-        tracing::info!(upstream = %url, healthy, "upstream added");
+        tracing::info!(upstream = %url, healthy, weight, origin = ?upstream.origin, "upstream added");
         self.shared
             .runtime
             .spawn(health_checks(self.shared.clone(), upstream));
@@ -337,54 +388,74 @@ impl Proxy {
     /// Removes an upstream at once; requests in flight on it still finish. False when unknown.
     pub fn remove_upstream(&self, url: &str) -> bool {
         let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
-        let _edit = self.shared.edit.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.shared.upstreams.load();
-        let Some(gone) = current.iter().find(|u| *u.url == *url).cloned() else {
-            return false;
-        };
-        gone.removed.cancel();
-        gone.prune_idle(Duration::ZERO);
-        let next: Vec<_> = current
-            .iter()
-            .filter(|u| !Arc::ptr_eq(u, &gone))
-            .cloned()
-            .collect();
-        self.shared.upstreams.store(Arc::new(next));
-        tracing::info!(upstream = %url, "upstream removed");
-        true
-    }
-
-    /// Stops sending new requests to an upstream and waits until the ones in flight have
-    /// finished (response bodies included), for at most `proxy.shutdown_timeout`. False when unknown. The upstream stays listed as
-    /// `draining` until it is removed.
-    pub async fn drain_upstream(&self, url: &str) -> bool {
-        let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
-        let Some(upstream) = self
+        let found = self
             .shared
             .upstreams
             .load()
             .iter()
             .find(|u| *u.url == *url)
-            .cloned()
-        else {
-            return false;
-        };
+            .cloned();
+        found.is_some_and(|upstream| self.remove_exact(&upstream))
+    }
+
+    /// Removes this very upstream (not another that has its URL); false when it is gone already.
+    fn remove_exact(&self, gone: &Arc<Upstream>) -> bool {
+        {
+            let _edit = self.shared.edit.lock().unwrap_or_else(|e| e.into_inner());
+            let current = self.shared.upstreams.load();
+            if !current.iter().any(|u| Arc::ptr_eq(u, gone)) {
+                return false;
+            }
+            let next: Vec<_> = current
+                .iter()
+                .filter(|u| !Arc::ptr_eq(u, gone))
+                .cloned()
+                .collect();
+            self.shared.upstreams.store(Arc::new(next));
+        }
+        gone.removed.cancel();
+        gone.prune_idle(Duration::ZERO);
+        tracing::info!(upstream = %gone.url, "upstream removed");
+        true
+    }
+
+    /// Stops sending new requests to an upstream and waits until the ones in flight have
+    /// finished (response bodies included), for at most `proxy.shutdown_timeout`. False when
+    /// unknown. The upstream stays listed as `draining` until it is removed.
+    pub async fn drain_upstream(&self, url: &str) -> bool {
+        let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
+        let found = self
+            .shared
+            .upstreams
+            .load()
+            .iter()
+            .find(|u| *u.url == *url)
+            .cloned();
+        match found {
+            Some(upstream) => {
+                self.drain_exact(&upstream).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn drain_exact(&self, upstream: &Arc<Upstream>) {
         upstream.set_draining();
-        tracing::info!(upstream = %url, in_flight = upstream.in_flight(), "upstream draining");
+        tracing::info!(upstream = %upstream.url, in_flight = upstream.in_flight(), "upstream draining");
         // Bounded whatever clients do: a reader that stopped cannot hold a rolling restart.
-        let grace = self.shared.config.shutdown_timeout;
+        let grace = self.shared.config().shutdown_timeout;
         if tokio::time::timeout(grace, upstream.drained())
             .await
             .is_err()
         {
             tracing::warn!(
-                upstream = %url,
+                upstream = %upstream.url,
                 in_flight = upstream.in_flight(),
                 "requests still in flight after the shutdown timeout; draining anyway"
             );
         }
         upstream.prune_idle(Duration::ZERO);
-        true
     }
 
     /// Every upstream, in the order they were added.
@@ -401,6 +472,9 @@ impl Proxy {
                 requests: u.requests.load(Relaxed),
                 failures: u.failures.load(Relaxed),
                 last_probe_ms: u.last_probe_ms(),
+                weight: u.weight(),
+                origin: u.origin.clone(),
+                draining_for_ms: u.draining_for_ms(now),
             })
             .collect()
     }
@@ -432,21 +506,6 @@ impl Proxy {
             reloads: tls.certificates.reloads.load(Relaxed),
             reload_failures: tls.certificates.reload_failures.load(Relaxed),
         })
-    }
-
-    /// Re-reads in place what the proxy takes from files: today the TLS certificate and key
-    /// (`[proxy.tls]`); the rest of `[proxy]` is fixed for the proxy's life (a full reload is
-    /// issue 22). Connections, open or being set up, are not touched. Called on SIGHUP, by
-    /// `taskd proxy` and `taskd serve`. False when a file did not load (the current
-    /// certificate is kept and the error logged).
-    pub fn reload(&self, why: &str) -> bool {
-        match &self.shared.tls {
-            Some(tls) => tls.certificates.reload(why).is_ok(),
-            None => {
-                tracing::info!(reason = why, "nothing to reload: HTTPS is off");
-                true
-            }
-        }
     }
 
     /// The proxy's counters in the Prometheus text format.
@@ -530,8 +589,12 @@ impl Proxy {
 /// Probes one upstream every `health.interval` (plus up to 10 % jitter, so checks of many
 /// proxies do not fall in step) until it is removed; also closes its stale idle connections.
 async fn health_checks(shared: Arc<Shared>, upstream: Arc<Upstream>) {
-    let health = &shared.config.health;
     loop {
+        // Read each round: a reload may change them.
+        let (health, idle_timeout) = {
+            let config = shared.config();
+            (config.health.clone(), config.idle_timeout)
+        };
         let started = Instant::now();
         let ok = upstream.probe(&health.path, health.timeout).await;
         match upstream.record_probe(ok, started.elapsed(), health.rise, health.fall) {
@@ -544,7 +607,7 @@ async fn health_checks(shared: Arc<Shared>, upstream: Arc<Upstream>) {
             ),
             None => {}
         }
-        upstream.prune_idle(shared.config.idle_timeout);
+        upstream.prune_idle(idle_timeout);
         let jitter = health.interval.mul_f64(rand::random::<f64>() * 0.1);
         tokio::select! {
             _ = upstream.removed.cancelled() => break,
@@ -556,14 +619,22 @@ async fn health_checks(shared: Arc<Shared>, upstream: Arc<Upstream>) {
 
 /// `taskd proxy`: the load balancer alone, with its admin listener. SIGHUP reloads what
 /// [`Proxy::reload`] can.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    reloader: Reloader,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Before anything else: SIGHUP's default action would end the process.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    if config.proxy.upstreams.is_empty() {
-        anyhow::bail!("no upstreams: pass --upstream http://host:port or set proxy.upstreams");
+    if config.proxy.upstreams.is_empty() && config.proxy.upstream_dns.is_empty() {
+        anyhow::bail!(
+            "no upstreams: pass --upstream http://host:port or --upstream-dns host:port, or set \
+             proxy.upstreams or proxy.upstream_dns"
+        );
     }
     let proxy = Proxy::new(config.proxy.clone())?;
+    proxy.set_admin_token(&config.admin.token);
     let listeners = bind_listeners(&config.proxy, proxy.threads())?;
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -573,12 +644,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         https = ?listeners.tls_addr(),
         admin = %config.admin.listen,
         upstreams = ?config.proxy.upstreams,
+        upstream_dns = ?config.proxy.upstream_dns,
         strategy = config.proxy.strategy.as_str(),
         threads = proxy.threads(),
         "proxy listening"
     );
-    // Each stops on `shutdown`, or when the other one ends: a proxy whose admin listener died
-    // cannot be watched, and an admin listener alone serves nobody.
+    // Each stops on `shutdown`, or when another ends: a proxy whose admin listener died cannot
+    // be watched, an admin listener alone serves nobody, and a proxy whose upstreams are no
+    // longer discovered would go stale.
     let serving = shutdown.child_token();
     let mut watched = crate::shutdown::Watched::default();
     watched.spawn(
@@ -586,6 +659,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         admin::serve(admin, admin::router(proxy.clone(), None), serving.clone()),
     );
     watched.spawn("proxy", proxy.clone().serve(listeners, serving.clone()));
+    watched.spawn(
+        "DNS discovery",
+        discovery::run(proxy.clone(), serving.clone()),
+    );
     loop {
         tokio::select! {
             biased;
@@ -599,9 +676,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 watched.join().await;
                 break Err(failed);
             }
-            _ = hangup.recv() => {
-                proxy.reload("SIGHUP");
-            }
+            _ = hangup.recv() => match reloader() {
+                Ok(next) => {
+                    proxy.set_admin_token(&next.admin.token);
+                    proxy.reload("SIGHUP", Some(next.proxy));
+                }
+                Err(error) => tracing::error!(
+                    "SIGHUP: the configuration does not load ({error}); the running one stays"
+                ),
+            },
         }
     }
 }

@@ -58,7 +58,7 @@ pub async fn forward(
     protocol: HeaderValue,
     client_side: OnUpgrade,
 ) -> Result<Response<ClientBody>, ProxyError> {
-    let config = &shared.config;
+    let config = shared.limits();
     parts.uri = Uri::from(
         parts
             .uri
@@ -173,7 +173,7 @@ fn answer(
         _open: Open::new(shared.clone()),
         _flight: flight,
         _client: client.clone(),
-        idle: shared.config.upgrade_idle_timeout,
+        idle: shared.limits().upgrade_idle_timeout,
     };
     client
         .tunnels

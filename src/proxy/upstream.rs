@@ -8,7 +8,7 @@ use std::{
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{
-            AtomicBool, AtomicU64, AtomicUsize,
+            AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
             Ordering::{Relaxed, SeqCst},
         },
     },
@@ -35,6 +35,46 @@ pub enum UpstreamState {
     Ejected,
     /// Finishing its in-flight requests; gets no new ones.
     Draining,
+}
+
+/// Where an upstream came from, which decides what may change or remove it: a reload only
+/// reconciles the configured ones, DNS discovery only its own, and the admin routes leave the
+/// supervisor's workers alone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Origin {
+    /// `proxy.upstreams` (or `--upstream`).
+    Config,
+    /// An address of this `proxy.upstream_dns` name.
+    Dns(Arc<str>),
+    /// Added through the admin listener's `POST /upstreams`.
+    Admin,
+    /// A worker of `taskd serve`.
+    Supervisor,
+}
+
+/// How an upstream joins the proxy.
+#[derive(Debug, Clone)]
+pub struct Joining {
+    pub weight: u32,
+    pub origin: Origin,
+    /// Its state until the active checks decide.
+    pub healthy: bool,
+    /// Ramp its share up over this long (zero: full share at once).
+    pub slow_start: Duration,
+}
+
+impl Joining {
+    /// A worker of `taskd serve`, or an upstream of the configuration at start: full weight 1,
+    /// no ramp.
+    pub fn at_once(origin: Origin, healthy: bool) -> Self {
+        Self {
+            weight: 1,
+            origin,
+            healthy,
+            slow_start: Duration::ZERO,
+        }
+    }
 }
 
 /// Milliseconds on a process-wide monotonic clock, so deadlines fit in an atomic.
@@ -78,8 +118,18 @@ pub struct Upstream {
     pub(super) host_header: hyper::header::HeaderValue,
     /// The address when the host is an IP literal (no resolution needed).
     addr: Option<SocketAddr>,
-    /// Set by the supervisor before the upstream is stopped: no new requests.
+    /// Share of requests relative to the others (`weight=N`); a reload may change it.
+    weight: AtomicU32,
+    /// Who added it.
+    pub origin: Origin,
+    /// `now_ms()` until which its share ramps up (slow start), and when the ramp began; both
+    /// 0 without one.
+    ramp_until_ms: u64,
+    ramp_from_ms: u64,
+    /// Set before the upstream is stopped or removed: no new requests.
     draining: AtomicBool,
+    /// `now_ms()` when the drain began (0 while not draining), for `/status`.
+    draining_since_ms: AtomicU64,
     /// `now_ms()` until which the upstream is ejected; 0 when it is not.
     ejected_until: AtomicU64,
     /// Requests sent and not yet finished (response body included); what `least_conn` compares
@@ -131,16 +181,23 @@ pub enum ConnectError {
 
 impl Upstream {
     /// A new upstream for a URL already checked by [`crate::config::parse_upstream_url`].
-    pub fn new(url: &str, healthy: bool, pool_slots: usize) -> Self {
+    pub fn new(url: &str, joining: Joining, pool_slots: usize) -> Self {
         let authority = url.trim_start_matches("http://").to_owned();
         let addr = authority.parse().ok();
+        let now = now_ms();
+        let ramp = joining.slow_start.as_millis() as u64;
         Self {
             url: url.into(),
             host_header: hyper::header::HeaderValue::from_str(&authority)
                 .expect("a checked URL's authority is a valid header"),
             authority,
             addr,
+            weight: AtomicU32::new(joining.weight.max(1)),
+            origin: joining.origin,
+            ramp_until_ms: if ramp > 0 { now + ramp } else { 0 },
+            ramp_from_ms: if ramp > 0 { now } else { 0 },
             draining: AtomicBool::new(false),
+            draining_since_ms: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_notify: Notify::new(),
@@ -148,7 +205,7 @@ impl Upstream {
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             last_probe_ms: AtomicU64::new(u64::MAX),
-            health: Consecutive::new(healthy),
+            health: Consecutive::new(joining.healthy),
             ejected: Notify::new(),
             fail_window: Mutex::new(FailWindow::default()),
             idle: (0..pool_slots.max(1))
@@ -169,6 +226,39 @@ impl Upstream {
             UpstreamState::Healthy
         } else {
             UpstreamState::Unhealthy
+        }
+    }
+
+    /// Its share at `now` in thousandths of its weight's worth: `weight × 1000`, or during a
+    /// slow start a part of it growing from a tenth to all of it. Never 0.
+    pub fn effective_weight(&self, now: u64) -> u64 {
+        let full = u64::from(self.weight()) * 1000;
+        if now >= self.ramp_until_ms {
+            return full;
+        }
+        let span = (self.ramp_until_ms - self.ramp_from_ms).max(1);
+        let done = now.saturating_sub(self.ramp_from_ms);
+        (full / 10 + full * 9 / 10 * done / span).max(1)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Relaxed);
+    }
+
+    /// Whether its share is still ramping up at `now`.
+    pub fn is_ramping(&self, now: u64) -> bool {
+        now < self.ramp_until_ms
+    }
+
+    /// How long it has been draining, while it is.
+    pub fn draining_for_ms(&self, now: u64) -> Option<u64> {
+        match self.draining_since_ms.load(Relaxed) {
+            0 => None,
+            since => Some(now.saturating_sub(since)),
         }
     }
 
@@ -198,6 +288,9 @@ impl Upstream {
     }
 
     pub fn set_draining(&self) {
+        let _ = self
+            .draining_since_ms
+            .compare_exchange(0, now_ms(), Relaxed, Relaxed);
         self.draining.store(true, SeqCst);
     }
 

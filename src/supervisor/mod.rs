@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{Config, ProxyConfig},
+    config::{Config, ProxyConfig, Reloader},
     proxy::{Listeners, Proxy, admin},
     shutdown::Watched,
 };
@@ -60,6 +60,7 @@ use self::{
 pub async fn run(
     mut config: Config,
     launch: Launch,
+    reloader: Reloader,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -67,10 +68,8 @@ pub async fn run(
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let sup = config.supervisor.clone();
-    let proxy = Proxy::new(ProxyConfig {
-        upstreams: Vec::new(),
-        ..config.proxy.clone()
-    })?;
+    let proxy = Proxy::new(own_proxy_config(&config))?;
+    proxy.set_admin_token(&config.admin.token);
     // Every port is checked before the first worker starts, so a second `taskd serve` fails
     // at once and leaves nothing behind.
     let listeners = crate::proxy::bind_listeners(&config.proxy, proxy.threads())?;
@@ -114,6 +113,7 @@ pub async fn run(
         spare,
         started,
         stores: stores.describe(),
+        reloader,
     };
     let result = cluster.run(hangup, shutdown).await;
     stores.stop().await;
@@ -131,6 +131,8 @@ struct Cluster {
     started: Instant,
     /// The banner's line on the private stores, if any run.
     stores: Option<String>,
+    /// Loads the configuration again, for SIGHUP.
+    reloader: Reloader,
 }
 
 impl Cluster {
@@ -150,6 +152,7 @@ impl Cluster {
             mut spare,
             started,
             stores,
+            reloader,
         } = self;
         let sup = config.supervisor.clone();
         tokio::select! {
@@ -223,8 +226,18 @@ impl Cluster {
                 _ = shutdown.cancelled() => break,
                 failed = watched.first_to_end() => failed,
                 _ = hangup.recv() => {
-                    // The proxy's files first (TLS certificate), then the workers.
-                    proxy.reload("SIGHUP");
+                    // The proxy's configuration and files first (TLS certificate), then the
+                    // workers.
+                    match reloader() {
+                        Ok(next) => {
+                            proxy.set_admin_token(&next.admin.token);
+                            proxy.reload("SIGHUP", Some(own_proxy_config(&next)));
+                        }
+                        Err(error) => {
+                            tracing::error!("SIGHUP: the configuration does not load ({error}); the proxy keeps the running one");
+                            proxy.reload("SIGHUP", None);
+                        }
+                    }
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break,
@@ -264,6 +277,21 @@ async fn stop_on_failure(
     workers_stop.cancel();
     tracker.wait().await;
     Err(failed)
+}
+
+/// `[proxy]` of `config` for the supervisor's own proxy: its upstreams are the workers, which
+/// it adds and removes itself.
+fn own_proxy_config(config: &Config) -> ProxyConfig {
+    if !config.proxy.upstreams.is_empty() || !config.proxy.upstream_dns.is_empty() {
+        tracing::warn!(
+            "proxy.upstreams and proxy.upstream_dns are ignored by taskd serve: its upstreams are its workers"
+        );
+    }
+    ProxyConfig {
+        upstreams: Vec::new(),
+        upstream_dns: Vec::new(),
+        ..config.proxy.clone()
+    }
 }
 
 /// Fails when something listens on (or holds) `127.0.0.1:port`.

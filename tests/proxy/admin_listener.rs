@@ -61,13 +61,17 @@ async fn admin_status_and_metrics_report_upstreams_retries_and_ejections() {
                 "failures",
                 "inFlight",
                 "lastProbeMs",
+                "origin",
                 "requests",
                 "state",
-                "url"
+                "url",
+                "weight"
             ],
             "{status}"
         );
         assert!(upstream["lastProbeMs"].is_u64(), "{status}");
+        assert_eq!(upstream["weight"], 1, "{status}");
+        assert_eq!(upstream["origin"], json!({"kind": "config"}), "{status}");
         assert_eq!(upstream["inFlight"], 0, "{status}");
     }
     assert_eq!(upstreams[0]["url"], dead.as_str());

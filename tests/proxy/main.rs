@@ -25,8 +25,10 @@ mod bodies;
 #[path = "../common/mod.rs"]
 mod common;
 mod compression;
+mod control;
 mod headers;
 mod health;
+mod reload;
 mod retries;
 mod shutdown;
 mod tls;

@@ -282,7 +282,10 @@ async fn a_pair_that_does_not_load_keeps_the_current_certificate() {
     let both = connector(&[&old, &new], &[b"http/1.1"], ALL);
 
     replace(&new.key, &key);
-    assert!(!proxy.proxy.reload("test"), "a mismatched pair was loaded");
+    assert!(
+        !proxy.proxy.reload("test", None),
+        "a mismatched pair was loaded"
+    );
     assert_eq!(presented(&handshake(tls_addr, &both).await), cert_of(&old));
     let response = https_client(&[&old], true)
         .get(proxy.https_url("/echo"))
@@ -298,7 +301,7 @@ async fn a_pair_that_does_not_load_keeps_the_current_certificate() {
     );
 
     replace(&new.cert, &cert);
-    assert!(proxy.proxy.reload("test"));
+    assert!(proxy.proxy.reload("test", None));
     assert_eq!(presented(&handshake(tls_addr, &both).await), cert_of(&new));
     let status = proxy.proxy.tls().unwrap();
     assert_eq!((status.reloads, status.reload_failures), (1, 1));
