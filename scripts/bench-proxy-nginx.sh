@@ -26,9 +26,14 @@
 # binary's `taskd proxy`, same workers), to every round (the order rotating), and the summary adds
 # the ratios base/nginx and taskd/base, so "within 2 % of before" is read from one run.
 #
-# Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, workers
-# BASE_PORT+10.. . Every process started here is stopped on exit; exits non-zero when anything
-# fails to start or a load run fails.
+# HTTPS: TLS=1 loads both proxies over TLS instead (a self-signed P-256 certificate made here with
+# openssl; NGINX `listen ... ssl` with TLSv1.2 TLSv1.3, taskd `--tls-cert/--tls-key`), keep-alive
+# as before, so what is measured is steady-state encryption, not handshakes. The base binary is
+# left out (it has no HTTPS).
+#
+# Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, HTTPS
+# NGINX BASE_PORT+5 and taskd BASE_PORT+6, workers BASE_PORT+10.. . Every process started here
+# is stopped on exit; exits non-zero when anything fails to start or a load run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,12 +47,15 @@ BASE_PORT=${BASE_PORT:-3980}
 PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 DB=${BENCH_DB:-taskd_bench_proxy}
 OUT=${BENCH_OUT:-target/bench-proxy-nginx}
+TLS=${TLS:-0}
 
 NGINX_PORT=$BASE_PORT
 TASKD_PORT=$((BASE_PORT + 1))
 ADMIN_PORT=$((BASE_PORT + 2))
 BASE_PROXY_PORT=$((BASE_PORT + 3))
 BASE_ADMIN_PORT=$((BASE_PORT + 4))
+NGINX_TLS_PORT=$((BASE_PORT + 5))
+TASKD_TLS_PORT=$((BASE_PORT + 6))
 WORKER_BASE=$((BASE_PORT + 10))
 
 die() { echo "bench-proxy-nginx: $*" >&2; exit 1; }
@@ -71,12 +79,19 @@ if ! command -v wrk >/dev/null; then
   apt_install wrk
 fi
 for tool in curl jq psql; do command -v "$tool" >/dev/null || die "$tool is needed"; done
+[ "$TLS" = 0 ] || command -v openssl >/dev/null || die "openssl is needed for TLS=1"
+SCHEME=http
+[ "$TLS" = 0 ] || SCHEME=https
 if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
 BIN=${TASKD_BIN:-target/release/taskd}
 [ -x "$BIN" ] || die "no taskd binary at $BIN"
 BASE_BIN=${TASKD_BASE_BIN:-}
 [ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "no taskd binary at TASKD_BASE_BIN=$BASE_BIN"
 PROXIES=(nginx taskd)
+if [ -n "$BASE_BIN" ] && [ "$TLS" != 0 ]; then
+  echo "TLS=1: the base binary has no HTTPS; comparing taskd and NGINX only" >&2
+  BASE_BIN=
+fi
 [ -z "$BASE_BIN" ] || PROXIES+=(base)
 
 mkdir -p "$OUT"
@@ -84,7 +99,7 @@ OUT=$(cd "$OUT" && pwd)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-proxy-nginx.XXXXXX")
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "$NGINX_PORT" "$TASKD_PORT" "$ADMIN_PORT" "$BASE_PROXY_PORT" "$BASE_ADMIN_PORT" $(seq "$WORKER_BASE" $((WORKER_BASE + WORKERS - 1))); do
+for port in "$NGINX_PORT" "$TASKD_PORT" "$ADMIN_PORT" "$BASE_PROXY_PORT" "$BASE_ADMIN_PORT" "$NGINX_TLS_PORT" "$TASKD_TLS_PORT" $(seq "$WORKER_BASE" $((WORKER_BASE + WORKERS - 1))); do
   port_free "$port" || die "port $port is in use (set BASE_PORT)"
 done
 
@@ -158,6 +173,18 @@ done | xargs -d '\n' -P 4 -I{} curl -fs -o /dev/null -X POST "$API/tasks" \
 
 # --- NGINX -------------------------------------------------------------------------------------
 mkdir -p "$TMP/nginx"
+NGINX_TLS=
+TASKD_TLS=()
+if [ "$TLS" != 0 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$TMP/key.pem" -out "$TMP/cert.pem" \
+    >"$TMP/openssl.log" 2>&1 || die "openssl could not make a certificate: $(cat "$TMP/openssl.log")"
+  NGINX_TLS="listen 127.0.0.1:$NGINX_TLS_PORT ssl reuseport;
+        ssl_certificate $TMP/cert.pem;
+        ssl_certificate_key $TMP/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+  TASKD_TLS=(--tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem" --tls-listen "127.0.0.1:$TASKD_TLS_PORT")
+fi
 NGINX_USER=
 [ "$(id -u)" = 0 ] && NGINX_USER="user $(id -un) $(id -gn);"
 cat >"$TMP/nginx.conf" <<CONF
@@ -194,6 +221,7 @@ $NGINX_SERVERS
 
     server {
         listen 127.0.0.1:$NGINX_PORT reuseport;
+        $NGINX_TLS
         location / {
             proxy_pass http://taskd_workers;
             proxy_http_version 1.1;
@@ -219,7 +247,7 @@ wait_http "http://127.0.0.1:$NGINX_PORT/health/live" "$NGINX_PID" nginx
 
 # --- taskd proxy -------------------------------------------------------------------------------
 "$BIN" --log-level warn proxy --listen "127.0.0.1:$TASKD_PORT" "${UPSTREAMS[@]}" \
-  --admin-listen "127.0.0.1:$ADMIN_PORT" >"$TMP/taskd-proxy.log" 2>&1 &
+  --admin-listen "127.0.0.1:$ADMIN_PORT" "${TASKD_TLS[@]}" >"$TMP/taskd-proxy.log" 2>&1 &
 TASKD_PID=$!
 PIDS+=("$TASKD_PID")
 wait_http "http://127.0.0.1:$TASKD_PORT/health/live" "$TASKD_PID" "taskd proxy"
@@ -236,7 +264,13 @@ fi
 
 # --- load --------------------------------------------------------------------------------------
 ENDPOINTS=("/health/live" "/api/v1/tasks?limit=20")
-port_of() { case $1 in nginx) echo "$NGINX_PORT" ;; base) echo "$BASE_PROXY_PORT" ;; *) echo "$TASKD_PORT" ;; esac; }
+port_of() {
+  if [ "$TLS" != 0 ]; then
+    case $1 in nginx) echo "$NGINX_TLS_PORT" ;; *) echo "$TASKD_TLS_PORT" ;; esac
+    return
+  fi
+  case $1 in nginx) echo "$NGINX_PORT" ;; base) echo "$BASE_PROXY_PORT" ;; *) echo "$TASKD_PORT" ;; esac
+}
 auth_for() { case $1 in /api/*) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;; esac; }
 
 . scripts/cpu.sh
@@ -254,7 +288,7 @@ load() {
   local proxy=$1 endpoint=$2 seconds=$3 file=$4 auth=()
   mapfile -t auth < <(auth_for "$endpoint")
   wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s --latency "${auth[@]}" \
-    "http://127.0.0.1:$(port_of "$proxy")$endpoint" >"$file" 2>&1 || die "wrk failed: $(cat "$file")"
+    "$SCHEME://127.0.0.1:$(port_of "$proxy")$endpoint" >"$file" 2>&1 || die "wrk failed: $(cat "$file")"
   if grep -qE 'Non-2xx|Socket errors' "$file"; then
     echo "!! $proxy $endpoint: $(grep -E 'Non-2xx|Socket errors' "$file" | tr -s ' ' | paste -sd';')" >&2
     FAILED_RUNS=$((FAILED_RUNS + 1))
@@ -262,7 +296,7 @@ load() {
 }
 
 echo "workers: $WORKERS   nginx: 127.0.0.1:$NGINX_PORT   taskd proxy: 127.0.0.1:$TASKD_PORT${BASE_BIN:+   base proxy ($BASE_BIN): 127.0.0.1:$BASE_PROXY_PORT}"
-echo "wrk: $WRK_THREADS threads, $CONNECTIONS keep-alive connections, ${DURATION}s a run, $ROUNDS rounds"
+echo "wrk: $WRK_THREADS threads, $CONNECTIONS keep-alive connections, ${DURATION}s a run, $ROUNDS rounds, over $SCHEME"
 echo "warming up (${WARMUP}s per proxy and endpoint)"
 for endpoint in "${ENDPOINTS[@]}"; do
   for proxy in "${PROXIES[@]}"; do load "$proxy" "$endpoint" "$WARMUP" "$TMP/warmup.txt"; done
