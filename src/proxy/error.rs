@@ -6,7 +6,7 @@ use hyper::{
     header::{self, HeaderValue},
 };
 
-use super::body::ClientBody;
+use super::{body::ClientBody, upstream::ConnectError};
 
 /// Why the proxy answered a request itself. The source decides the status: the client's side
 /// (400), the upstream's (502, 504), or nothing to send to (503).
@@ -14,15 +14,15 @@ use super::body::ClientBody;
 pub enum ProxyError {
     /// The client's request body could not be read.
     #[error("the request body could not be read: {0}")]
-    ClientBody(String),
+    ClientBody(#[source] hyper::Error),
     /// An upstream took the request and failed (reset, closed, malformed response), and the
     /// request could not safely be sent again.
     #[error("the upstream failed: {0}")]
-    Upstream(String),
+    Upstream(#[source] UpstreamFailure),
     /// No upstream could take the request: none configured, all draining, or every one tried
     /// refused the connection.
-    #[error("no upstream is available{}", .0.as_deref().map(|r| format!(" (last error: {r})")).unwrap_or_default())]
-    NoUpstream(Option<String>),
+    #[error("no upstream is available{}", .0.as_ref().map(|r| format!(" (last error: {r})")).unwrap_or_default())]
+    NoUpstream(Option<UpstreamFailure>),
     /// The upstream did not send response headers within `proxy.response_timeout`.
     #[error("the upstream did not answer in time")]
     Timeout,
@@ -35,6 +35,44 @@ pub enum ProxyError {
     /// A request to redirect to HTTPS (`proxy.tls.redirect_http`) that names no valid host.
     #[error("no valid Host to redirect to")]
     NoHost,
+}
+
+/// How a try on an upstream failed, with its source: what passive health counts and the logs
+/// show. (Never sent to the client, which sees only the status.)
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamFailure {
+    /// No connection: refused, timed out, not resolved, or the HTTP handshake failed.
+    #[error("connect: {0}")]
+    Connect(#[from] ConnectError),
+    /// A pooled connection that could not take the request in time.
+    #[error("the connection was not ready")]
+    NotReady,
+    /// The connection broke while the request or the response head was on it (reset, closed).
+    #[error("connection failed: {0}")]
+    Reset(#[source] hyper::Error),
+    /// The upstream sent something that is not HTTP/1.1.
+    #[error("protocol error: {0}")]
+    Protocol(#[source] hyper::Error),
+    /// No response headers within `proxy.response_timeout`.
+    #[error("response timeout")]
+    Timeout,
+    /// Picked as it began draining.
+    #[error("the upstream is draining")]
+    Draining,
+    /// Ejected while the request waited for it, for `proxy.retry_after_ejection`.
+    #[error("the upstream was ejected while the request waited")]
+    Ejected,
+}
+
+impl UpstreamFailure {
+    /// A failed exchange with an upstream, by what hyper says of it.
+    pub fn exchange(error: hyper::Error) -> Self {
+        if error.is_parse() || error.is_parse_status() {
+            Self::Protocol(error)
+        } else {
+            Self::Reset(error)
+        }
+    }
 }
 
 impl ProxyError {

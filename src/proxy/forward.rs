@@ -21,7 +21,7 @@ use super::{
     Shared,
     body::{ClientBody, PooledConn, Progress, UpstreamBody},
     compress,
-    error::ProxyError,
+    error::{ProxyError, UpstreamFailure},
     idle::Watch,
     listen::Client,
     upstream::Upstream,
@@ -220,9 +220,9 @@ fn may_resend(method: &Method, headers: &HeaderMap) -> bool {
 enum TryError {
     /// The request never left the proxy (connect refused, reset before writing); it comes
     /// back untouched and can go to another upstream whatever its method.
-    NotSent(Request<UpstreamBody>, String),
+    NotSent(Request<UpstreamBody>, UpstreamFailure),
     /// The request was written, at least in part, and then the connection failed.
-    Sent(String),
+    Sent(UpstreamFailure),
     /// No response headers within `response_timeout`.
     Timeout,
     /// The client's streamed body stalled for `body_timeout`.
@@ -388,7 +388,7 @@ async fn forward(
             }
             Err(TryError::BodyTimeout) => return Err(ProxyError::BodyTimeout),
             Err(TryError::Timeout) => {
-                shared.record_failure(upstream, "response timeout");
+                shared.record_failure(upstream, &UpstreamFailure::Timeout);
                 return Err(ProxyError::Timeout);
             }
         }
@@ -415,7 +415,7 @@ async fn try_upstream(
     let flight = upstream.begin();
     if upstream.is_draining() {
         // Picked just as a drain began: the drain may not have counted this request.
-        return Err(TryError::NotSent(request, "upstream is draining".into()));
+        return Err(TryError::NotSent(request, UpstreamFailure::Draining));
     }
     // HTTP/1.1 requires Host; a client on HTTP/1.0 may have sent none.
     if !request.headers().contains_key(header::HOST) {
@@ -435,7 +435,7 @@ async fn try_upstream(
             Some(sender) => (sender, false),
             None => match upstream.connect(config.connect_timeout).await {
                 Ok(sender) => (sender, true),
-                Err(error) => return Err(TryError::NotSent(request, error.to_string())),
+                Err(error) => return Err(TryError::NotSent(request, error.into())),
             },
         };
         // A pooled connection the upstream closed meanwhile is skipped: not its fault. The
@@ -443,7 +443,7 @@ async fn try_upstream(
         let ready = tokio::time::timeout(config.connect_timeout, sender.ready()).await;
         if !matches!(ready, Ok(Ok(()))) {
             if fresh {
-                return Err(TryError::NotSent(request, "connection not ready".into()));
+                return Err(TryError::NotSent(request, UpstreamFailure::NotReady));
             }
             continue;
         }
@@ -460,7 +460,7 @@ async fn try_upstream(
         let sent = if resendable {
             match unless_ejected(wait, upstream, config.retry_after_ejection).await {
                 Some(sent) => sent,
-                None => return Err(TryError::Sent("upstream ejected while waiting".into())),
+                None => return Err(TryError::Sent(UpstreamFailure::Ejected)),
             }
         } else {
             wait.await
@@ -470,7 +470,10 @@ async fn try_upstream(
             Some(Err(mut error)) => match error.take_message() {
                 Some(back) if !fresh => request = back,
                 Some(back) => {
-                    return Err(TryError::NotSent(back, error.into_error().to_string()));
+                    return Err(TryError::NotSent(
+                        back,
+                        UpstreamFailure::exchange(error.into_error()),
+                    ));
                 }
                 // The client stalled its upload, not the upstream's fault.
                 None if progress
@@ -479,7 +482,11 @@ async fn try_upstream(
                 {
                     return Err(TryError::BodyTimeout);
                 }
-                None => return Err(TryError::Sent(error.into_error().to_string())),
+                None => {
+                    return Err(TryError::Sent(UpstreamFailure::exchange(
+                        error.into_error(),
+                    )));
+                }
             },
             Some(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -535,7 +542,7 @@ async fn collect_within(
         match tokio::time::timeout(limit, body.frame()).await {
             Err(_) => return Err(ProxyError::BodyTimeout),
             Ok(None) => return Ok(bytes.freeze()),
-            Ok(Some(Err(error))) => return Err(ProxyError::ClientBody(error.to_string())),
+            Ok(Some(Err(error))) => return Err(ProxyError::ClientBody(error)),
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     bytes.extend_from_slice(&data);

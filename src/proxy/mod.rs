@@ -190,18 +190,18 @@ impl Shared {
         })
     }
 
-    fn record_failure(&self, upstream: &Upstream, reason: &str) {
+    fn record_failure(&self, upstream: &Upstream, reason: &error::UpstreamFailure) {
         let passive = self.config().passive.clone();
         if upstream.record_failure(passive.max_fails, passive.fail_timeout) {
             tracing::warn!(
                 upstream = %upstream.url,
-                reason,
+                %reason,
                 for_ = %humantime::format_duration(passive.fail_timeout),
                 "upstream ejected after {} failures",
                 passive.max_fails
             );
         } else {
-            tracing::debug!(upstream = %upstream.url, reason, "upstream try failed");
+            tracing::debug!(upstream = %upstream.url, %reason, "upstream try failed");
         }
     }
 

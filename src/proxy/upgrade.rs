@@ -42,7 +42,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::{
     Shared,
     body::{ClientBody, UpstreamBody},
-    error::ProxyError,
+    error::{ProxyError, UpstreamFailure},
     forward::strip_hop_by_hop,
     listen::Client,
     upstream::{InFlight, now_ms},
@@ -94,7 +94,7 @@ pub async fn forward(
         let upstream = &upstreams[index];
         let flight = upstream.begin();
         if upstream.is_draining() {
-            last_failure = Some("upstream is draining".to_owned());
+            last_failure = Some(UpstreamFailure::Draining);
             continue;
         }
         if !request.headers().contains_key(header::HOST) {
@@ -105,7 +105,7 @@ pub async fn forward(
         let mut sender = match upstream.connect_upgradable(config.connect_timeout).await {
             Ok(sender) => sender,
             Err(error) => {
-                let reason = error.to_string();
+                let reason = UpstreamFailure::from(error);
                 shared.record_failure(upstream, &reason);
                 last_failure = Some(reason);
                 continue;
@@ -115,11 +115,11 @@ pub async fn forward(
             match tokio::time::timeout(config.response_timeout, sender.send_request(request)).await
             {
                 Err(_) => {
-                    shared.record_failure(upstream, "response timeout");
+                    shared.record_failure(upstream, &UpstreamFailure::Timeout);
                     return Err(ProxyError::Timeout);
                 }
                 Ok(Err(error)) => {
-                    let reason = error.to_string();
+                    let reason = UpstreamFailure::exchange(error);
                     shared.record_failure(upstream, &reason);
                     return Err(ProxyError::Upstream(reason));
                 }
