@@ -11,7 +11,8 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use super::{
     Shared,
-    upstream::{Upstream, UpstreamState, now_ms},
+    clock::now_ms,
+    upstream::{Upstream, UpstreamState},
 };
 use crate::config::Strategy;
 

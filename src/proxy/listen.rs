@@ -27,8 +27,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Shared,
-    forward::{self, Peer},
+    Shared, forward,
+    headers::{Client, Peer},
     idle::{self, Watch},
 };
 
@@ -91,17 +91,6 @@ fn bind_group(
         sockets.push(socket.into());
     }
     Ok((sockets, addr))
-}
-
-/// One client connection, as its requests (and an upgraded connection that outlives its HTTP
-/// life) see it.
-pub struct Client {
-    pub peer: Peer,
-    /// The connection's slot of `proxy.max_connections`, given back when the connection and
-    /// whatever outlives it (an upgraded connection, HTTP/2 request tasks) have all ended.
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    /// Upgraded connections of this serving thread, which shutdown waits for.
-    pub tunnels: TaskTracker,
 }
 
 /// Accepts and serves client connections on one thread until shutdown: on `plain`, and on `tls`

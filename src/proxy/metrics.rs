@@ -10,38 +10,15 @@ use std::{
     time::Duration,
 };
 
-use super::upstream::{Upstream, now_ms};
+use super::{
+    clock::now_ms,
+    upstream::{StatusCounts, Upstream},
+};
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
-
-/// Responses by status code (100–599), one counter each.
-pub struct StatusCounts(Box<[AtomicU64]>);
-
-impl Default for StatusCounts {
-    fn default() -> Self {
-        Self((100..600).map(|_| AtomicU64::new(0)).collect())
-    }
-}
-
-impl StatusCounts {
-    pub fn record(&self, status: u16) {
-        if let Some(counter) = self.0.get(usize::from(status).wrapping_sub(100)) {
-            counter.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// `(status, count)` for every status seen.
-    pub fn seen(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i as u16 + 100, c.load(Relaxed)))
-            .filter(|(_, n)| *n > 0)
-    }
-}
 
 /// Latency until response headers, as a cumulative Prometheus histogram.
 pub struct Histogram {

@@ -13,7 +13,8 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{
     Proxy,
-    upstream::{Joining, Origin, UpstreamState, now_ms},
+    clock::now_ms,
+    upstream::{Joining, Origin, UpstreamState},
 };
 use crate::config::{ProxyConfig, parse_upstream};
 

@@ -41,11 +41,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
     Shared,
-    body::{ClientBody, UpstreamBody},
+    body::ClientBody,
+    clock::now_ms,
     error::{ProxyError, UpstreamFailure},
-    forward::strip_hop_by_hop,
-    listen::Client,
-    upstream::{InFlight, now_ms},
+    headers::{Client, strip_hop_by_hop},
+    outgoing::UpstreamBody,
+    upstream::InFlight,
 };
 
 /// Forwards an upgrade request whose headers the forwarding rules have already been applied to;

@@ -6,7 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{
             AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
             Ordering::{Relaxed, SeqCst},
@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{body::UpstreamBody, metrics::StatusCounts};
+use super::{clock::now_ms, outgoing::UpstreamBody};
 use crate::health::Consecutive;
 
 /// What the balancer may do with an upstream, as `/status` reports it.
@@ -75,13 +75,6 @@ impl Joining {
             slow_start: Duration::ZERO,
         }
     }
-}
-
-/// Milliseconds on a process-wide monotonic clock, so deadlines fit in an atomic.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    // Start at 1 so that 0 can mean "never".
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 thread_local! {
@@ -537,6 +530,32 @@ impl Drop for InFlight {
         if self.0.in_flight.fetch_sub(1, SeqCst) == 1 {
             self.0.idle_notify.notify_waiters();
         }
+    }
+}
+
+/// Responses by status code (100–599), one counter each.
+pub struct StatusCounts(Box<[AtomicU64]>);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self((100..600).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl StatusCounts {
+    pub fn record(&self, status: u16) {
+        if let Some(counter) = self.0.get(usize::from(status).wrapping_sub(100)) {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `(status, count)` for every status seen.
+    pub fn seen(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u16 + 100, c.load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
     }
 }
 
