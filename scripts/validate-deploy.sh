@@ -45,29 +45,21 @@ for version in $K8S_VERSIONS; do
   echo "all valid"
 done
 
-if ! command -v systemd-analyze >/dev/null 2>&1; then
+# What checking the units needs: under CI=true it is installed, elsewhere its absence skips them.
+need_for_units() { # need_for_units PACKAGE WHAT
   if [ "${CI:-}" = true ]; then
-    # The package installs unit files and tools; it starts nothing in a container.
-    log "installing systemd (for systemd-analyze)"
+    log "installing $1 (for $2)"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq systemd >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$1" >/dev/null
   else
-    log "systemd-analyze not installed: the systemd units are NOT checked (apt-get install systemd)"
+    log "$2 missing: the systemd units are NOT checked (apt-get install $1)"
     exit 0
   fi
-fi
-
+}
+# The systemd package installs unit files and tools; it starts nothing in a container.
+command -v systemd-analyze >/dev/null 2>&1 || need_for_units systemd systemd-analyze
 # ExecReload runs /bin/kill, from procps: on every Debian and Ubuntu host, not in every container.
-if [ ! -x /bin/kill ]; then
-  if [ "${CI:-}" = true ]; then
-    log "installing procps (for /bin/kill)"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq procps >/dev/null
-  else
-    log "/bin/kill missing: the systemd units are NOT checked (apt-get install procps)"
-    exit 0
-  fi
-fi
+[ -x /bin/kill ] || need_for_units procps /bin/kill
 
 # A scratch root: systemd's own units, these units with their drop-ins, the files they name.
 root=$(mktemp -d)

@@ -8,6 +8,8 @@
 //! binaries (`.ci/run` installs them). Elsewhere it is skipped with a message, except under
 //! `CI=true`, where a skip is a failure.
 
+#[path = "common/netns.rs"]
+mod netns;
 #[path = "common/walkthrough.rs"]
 mod walkthrough;
 
@@ -15,85 +17,16 @@ use std::{
     fs::File,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use netns::Namespace;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskd");
 /// initdb on first use, then four processes migrating: generous for a loaded 2-core machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A network namespace with only its loopback up; deleted (and anything left in it killed) on
-/// drop.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    /// `None` when this machine does not let the test make one.
-    fn new() -> Option<Self> {
-        let name = format!(
-            "taskd-st-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let made = Command::new("ip").args(["netns", "add", &name]).output();
-        if !made.is_ok_and(|o| o.status.success()) {
-            return None;
-        }
-        let ns = Self { name };
-        assert!(ns.exec(["ip", "link", "set", "lo", "up"]).status.success());
-        Some(ns)
-    }
-
-    fn command<I, S>(&self, args: I) -> Command
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<std::ffi::OsStr>,
-    {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).args(args);
-        command
-    }
-
-    fn exec<I, S>(&self, args: I) -> Output
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<std::ffi::OsStr>,
-    {
-        self.command(args).output().expect("run ip netns exec")
-    }
-
-    /// Processes running in the namespace.
-    fn pids(&self) -> Vec<String> {
-        let output = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .expect("ip netns pids");
-        String::from_utf8_lossy(&output.stdout)
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// `curl -s` inside the namespace; the body.
-    fn curl(&self, args: &[&str]) -> String {
-        let output = self.exec(["curl", "-s", "--max-time", "10"].iter().chain(args));
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        for pid in self.pids() {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-    }
-}
 
 /// One `taskd serve` in the namespace, its output in files.
 struct Serve {
@@ -187,7 +120,11 @@ fn json(text: &str) -> Value {
 fn serve_on_a_host_with_no_stores_running_brings_its_own_and_keeps_their_data() {
     // SAFETY: geteuid(2) has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let ns = if root { Namespace::new() } else { None };
+    let ns = if root {
+        Namespace::new("taskd-st")
+    } else {
+        None
+    };
     let Some(ns) = ns else {
         let why = "needs root and `ip netns` to make a host with no stores running";
         assert!(
