@@ -200,8 +200,11 @@ impl Cluster {
         );
         watched.spawn("proxy", proxy.clone().serve(listeners, serving.clone()));
 
+        // Biased, shutdown first: SIGTERM ends the proxy and the admin listener by design, and
+        // their end may wake this select before the wait for readiness sees the signal.
         let all_ready = tokio::select! {
             biased;
+            _ = shutdown.cancelled() => false,
             ready = wait_all_ready(&board, sup.start_timeout, &shutdown) => ready,
             failed = watched.first_to_end() => {
                 return stop_on_failure(failed, serving, watched, workers_stop, tracker).await;

@@ -86,6 +86,25 @@ async fn sigterm_stops_proxy_and_workers_and_exits_0() {
     assert!(stderr.contains("taskd serve stopped"), "{stderr}");
 }
 
+/// SIGTERM while the workers are still starting: the proxy and admin listener end because of
+/// the signal, which is a clean stop (exit 0), not "the admin listener stopped unexpectedly".
+#[tokio::test]
+async fn sigterm_during_start_up_exits_0() {
+    let _turn = TURN.lock().await;
+    let h = Harness::new(3);
+    let mut cluster = h.spawn(h.command(3));
+    let stderr = cluster
+        .log_with(true, "worker started", Duration::from_secs(60))
+        .await;
+    assert!(stderr.contains("worker started"), "{}", cluster.logs());
+    cluster.signal(libc::SIGTERM);
+    let status = cluster.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}\n{}", cluster.logs());
+    let stderr = cluster.stderr();
+    assert!(!stderr.contains("unexpectedly"), "{stderr}");
+    assert!(stderr.contains("taskd serve stopped"), "{stderr}");
+}
+
 #[tokio::test]
 async fn workers_exit_by_themselves_when_the_supervisor_is_killed() {
     let _turn = TURN.lock().await;
