@@ -4,7 +4,7 @@
 # CPU time on a shared machine. For A/B of changes: run it on two binaries, one after the other,
 # and compare.
 #
-#   bash scripts/instructions.sh [proxy|worker] [BINARY...]   (default: proxy, target/release/taskd, built)
+#   bash scripts/instructions.sh [proxy|worker] [BINARY...]   (default: proxy, target/dist/taskd, built)
 #   DURATION=8 CONNECTIONS=8 PORT=18790 bash scripts/instructions.sh worker
 #
 # proxy:  one `taskd worker` on 127.0.0.1:$PORT, the binary's `taskd proxy` under callgrind on
@@ -28,6 +28,10 @@ PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 DB=taskd_instructions
 OUT=target/instructions
 mkdir -p "$OUT"
+# Every binary reads an empty configuration file: its own defaults, so an older binary (which
+# rejects keys it does not know in ./config.toml) and a newer one are measured alike.
+CONFIG=$OUT/defaults.toml
+: >"$CONFIG"
 
 for tool in valgrind wrk jq; do
   if ! command -v "$tool" >/dev/null; then
@@ -38,8 +42,8 @@ for tool in callgrind_control callgrind_annotate curl psql; do
   command -v "$tool" >/dev/null || { echo "instructions: needs $tool" >&2; exit 2; }
 done
 if [ $# = 0 ]; then
-  cargo build --release -q --bin taskd
-  set -- target/release/taskd
+  cargo build --profile dist -q --bin taskd
+  set -- target/dist/taskd
 fi
 
 PIDS=()
@@ -64,12 +68,12 @@ wait_for() {
 # start_proxy BIN: a plain worker, and BIN's proxy under callgrind in front of it. Sets
 # $measured (the pid callgrind watches), $url and $headers (wrk's -H options: the request).
 start_proxy() {
-  DATABASE_URL="$PG/$DB" "$1" --log-level warn worker --host 127.0.0.1 --port "$PORT" \
+  DATABASE_URL="$PG/$DB" "$1" --config "$CONFIG" --log-level warn worker --host 127.0.0.1 --port "$PORT" \
     >"$OUT/worker.log" 2>&1 &
   PIDS+=("$!")
   wait_for "http://127.0.0.1:$PORT/health/ready" 100
   valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.%p" \
-    "$1" --log-level warn proxy --listen "127.0.0.1:$((PORT + 1))" \
+    "$1" --config "$CONFIG" --log-level warn proxy --listen "127.0.0.1:$((PORT + 1))" \
     --upstream "http://127.0.0.1:$PORT" >"$OUT/proxy.log" 2>&1 &
   measured=$!
   PIDS+=("$measured")
@@ -82,7 +86,7 @@ start_proxy() {
 start_worker() {
   DATABASE_URL="$PG/$DB" TASKD_WORKER__THREADS=1 TASKD_RATE_LIMIT__ENABLED=false \
     valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.%p" \
-    "$1" --log-level warn worker --host 127.0.0.1 --port "$PORT" >"$OUT/worker.log" 2>&1 &
+    "$1" --config "$CONFIG" --log-level warn worker --host 127.0.0.1 --port "$PORT" >"$OUT/worker.log" 2>&1 &
   measured=$!
   PIDS+=("$measured")
   local base="http://127.0.0.1:$PORT"
