@@ -63,7 +63,10 @@ pub fn apply(plan: Plan, response: Response<ClientBody>) -> Response<ClientBody>
     let Some(encoding) = encoding else {
         return Response::from_parts(parts, body);
     };
-    let size = content_length(&parts.headers);
+    let size = body
+        .size_hint()
+        .exact()
+        .or_else(|| content_length(&parts.headers));
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::ACCEPT_RANGES);
     parts
@@ -94,22 +97,24 @@ fn eligible(status: StatusCode, headers: &HeaderMap, body: &ClientBody) -> bool 
             status,
             StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::PARTIAL_CONTENT
         )
-        || !is_compressible(headers.get(header::CONTENT_TYPE))
         || headers.contains_key(header::CONTENT_ENCODING)
         || headers.contains_key(header::CONTENT_RANGE)
     {
         return false;
     }
-    let size = content_length(headers).or_else(|| body.size_hint().exact());
+    // The size before the media type (NGINX's order too): most small answers stop here. The
+    // body knows a Content-Length hyper has already parsed.
+    let size = body.size_hint().exact().or_else(|| content_length(headers));
     if size.is_some_and(|size| size <= MIN_SIZE) {
         return false;
     }
-    !headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|directive| directive.trim().eq_ignore_ascii_case("no-transform"))
+    is_compressible(headers.get(header::CONTENT_TYPE))
+        && !headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|directive| directive.trim().eq_ignore_ascii_case("no-transform"))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

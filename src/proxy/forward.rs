@@ -16,7 +16,7 @@ use hyper::{
 };
 
 use super::{
-    Shared,
+    Limits, Shared,
     body::{ClientBody, PooledConn},
     compress,
     error::{ProxyError, UpstreamFailure},
@@ -82,9 +82,9 @@ pub async fn handle(
     let forwarded = if parts.uri.path() == "/metrics" {
         Err(ProxyError::NotFound)
     } else if let Some((protocol, on_upgrade)) = upgrade {
-        super::upgrade::forward(&shared, client, parts, body, protocol, on_upgrade).await
+        super::upgrade::forward(&shared, &limits, client, parts, body, protocol, on_upgrade).await
     } else {
-        forward(&shared, parts, body, swept).await
+        forward(&shared, &limits, parts, body, swept).await
     };
     let response = match forwarded {
         Ok(response) => compress::apply(compression, response),
@@ -113,15 +113,16 @@ impl Drop for InFlightGauge<'_> {
     }
 }
 
-/// `swept`: the connection's watch when the sweeper times the response wait (see
-/// [`Watch::within_response_timeout`]); otherwise a tokio timer does.
+/// `config`: the settings the request read when it started. `swept`: the connection's watch
+/// when the sweeper times the response wait (see [`Watch::within_response_timeout`]); otherwise
+/// a tokio timer does.
 async fn forward(
     shared: &Shared,
+    config: &Limits,
     mut parts: hyper::http::request::Parts,
     body: Incoming,
     swept: Option<&Watch>,
 ) -> Result<Response<ClientBody>, ProxyError> {
-    let config = shared.limits();
     // Upstreams get origin-form targets over HTTP/1.1.
     parts.uri = Uri::from(
         parts
@@ -176,7 +177,7 @@ async fn forward(
         let upstream = &upstreams[index];
         // Given up on when its upstream is ejected only if it can go elsewhere next.
         let movable = kept_parts.is_some() && attempt < config.retries;
-        match try_upstream(shared, upstream, request, swept, movable).await {
+        match try_upstream(config, upstream, request, swept, movable).await {
             Ok(response) => return Ok(response),
             Err(TryError::NotSent(back, reason)) => {
                 shared.record_failure(upstream, &reason);
@@ -217,13 +218,12 @@ async fn forward(
 /// headers only until `proxy.retry_after_ejection` after the upstream is ejected, and fails as
 /// sent, to be retried elsewhere.
 async fn try_upstream(
-    shared: &Shared,
+    config: &Limits,
     upstream: &Arc<Upstream>,
     mut request: Request<UpstreamBody>,
     swept: Option<&Watch>,
     resendable: bool,
 ) -> Result<Response<ClientBody>, TryError> {
-    let config = shared.limits();
     let flight = upstream.begin();
     if upstream.is_draining() {
         // Picked just as a drain began: the drain may not have counted this request.

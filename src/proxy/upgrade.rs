@@ -40,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
-    Shared,
+    Limits, Shared,
     body::ClientBody,
     clock::now_ms,
     error::{ProxyError, UpstreamFailure},
@@ -53,13 +53,13 @@ use super::{
 /// `protocol` is the `Upgrade` it asked for, `client_side` the hook to its connection.
 pub async fn forward(
     shared: &Arc<Shared>,
+    config: &Limits,
     client: &Arc<Client>,
     mut parts: hyper::http::request::Parts,
     body: Incoming,
     protocol: HeaderValue,
     client_side: OnUpgrade,
 ) -> Result<Response<ClientBody>, ProxyError> {
-    let config = shared.limits();
     parts.uri = Uri::from(
         parts
             .uri
