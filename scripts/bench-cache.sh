@@ -21,8 +21,8 @@ OUT=${BENCH_OUT:-target/bench-cache}
 mkdir -p "$OUT"
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
 export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="bench-cache:$$:" TASKD_AUTH__ACCESS_TTL=1h \

@@ -33,8 +33,8 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk 
 for tool in curl jq psql; do
   command -v "$tool" >/dev/null || { echo "bench-cluster: needs $tool" >&2; exit 2; }
 done
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q --bin taskd; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q --bin taskd; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="bench-cluster:$$:" \

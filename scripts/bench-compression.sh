@@ -3,7 +3,7 @@
 # cache sending variants it compressed once (docs/proxy.md#compression). Same run, same load.
 #
 #   bash scripts/bench-compression.sh
-#   TASKD_BIN=target/release/taskd DURATION=5 ROUNDS=3 CONNECTIONS=32 bash scripts/bench-compression.sh
+#   TASKD_BIN=target/dist/taskd DURATION=5 ROUNDS=3 CONNECTIONS=32 bash scripts/bench-compression.sh
 #
 # Starts, over a fresh database, two release workers on 127.0.0.1 that differ in one key:
 # `cache.compression = true` ("cache": compressed variants kept in Redis) and `false` ("proxy":
@@ -31,8 +31,8 @@ if ! command -v wrk >/dev/null; then
   apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 fi
 for tool in curl jq psql wrk; do command -v "$tool" >/dev/null || die "$tool is needed"; done
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q --bin taskd; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q --bin taskd; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 [ -x "$BIN" ] || die "no taskd binary at $BIN"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -29,8 +29,8 @@ OUT=${BENCH_OUT:-target/bench-data-tier}
 mkdir -p "$OUT"
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 

@@ -4,7 +4,7 @@
 #   pages must answer with p95 < 20 ms on a 2-core machine, and the plans must use indexes.
 #
 # What it does, every step bounded in time and talking to 127.0.0.1 only:
-#   1. cargo build --release
+#   1. cargo build --profile dist
 #   2. migrates a dedicated database (default taskd_bench) and seeds it with
 #      `taskd seed --users 100 --tasks-per-user 10000` unless it already holds that data;
 #   3. starts one `taskd worker` (cache and rate limits off when the build has them, log level
@@ -46,7 +46,7 @@ CONNECTIONS=${BENCH_CONNECTIONS:-4}
 THREADS=${BENCH_THREADS:-2}
 P95_MS=${BENCH_P95_MS:-20}
 OUT=${BENCH_OUT:-target/bench-list/$(date -u +%Y%m%dT%H%M%SZ)}
-BIN=${BENCH_BIN:-target/release/taskd}
+BIN=${BENCH_BIN:-target/dist/taskd}
 EMAIL=seed-0@example.com
 PASSWORD=seed-password
 
@@ -88,8 +88,8 @@ PSQL_ADMIN=(timeout 300 env PGOPTIONS="-c statement_timeout=120s" psql "$admin_u
 # ---------------------------------------------------------------------------------------------
 # 1. Build.
 if [[ "${BENCH_SKIP_BUILD:-0}" != 1 && -z "${BENCH_BIN:-}" ]]; then
-    log "cargo build --release"
-    timeout 3600 cargo build --release --quiet
+    log "cargo build --profile dist"
+    timeout 3600 cargo build --profile dist --quiet
 fi
 [[ -x "$BIN" ]] || die "no binary at $BIN"
 BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")

@@ -5,7 +5,7 @@
 #   bash scripts/bench-proxy-nginx.sh
 #   DURATION=5 CONNECTIONS=64 WORKERS=2 ROUNDS=8 BASE_PORT=3980 bash scripts/bench-proxy-nginx.sh
 #
-# Installs NGINX and wrk from Debian's packages when missing and builds taskd in release. Starts
+# Installs NGINX and wrk from Debian's packages when missing and builds taskd (profile dist). Starts
 # WORKERS release workers on 127.0.0.1 over a fresh database (rate limits off), NGINX (worker
 # processes: auto; an upstream block with `keepalive 64`, HTTP/1.1 and an empty Connection header
 # as NGINX's docs say; the same X-Forwarded-* and X-Request-Id headers taskd sets; access log off)
@@ -82,8 +82,8 @@ for tool in curl jq psql; do command -v "$tool" >/dev/null || die "$tool is need
 [ "$TLS" = 0 ] || command -v openssl >/dev/null || die "openssl is needed for TLS=1"
 SCHEME=http
 [ "$TLS" = 0 ] || SCHEME=https
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 [ -x "$BIN" ] || die "no taskd binary at $BIN"
 BASE_BIN=${TASKD_BASE_BIN:-}
 [ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "no taskd binary at TASKD_BASE_BIN=$BASE_BIN"

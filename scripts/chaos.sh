@@ -5,7 +5,7 @@
 #   bash scripts/chaos.sh
 #   CHAOS_SECONDS=30 KILL_EVERY=3 CONNECTIONS=64 POST_EVERY=5 PORT=18480 bash scripts/chaos.sh
 #
-# Steps: release build; fresh database `taskd_chaos`; `taskd serve --instances 4` on
+# Steps: build (profile dist); fresh database `taskd_chaos`; `taskd serve --instances 4` on
 # 127.0.0.1:$PORT (admin $PORT+1, workers from $PORT-80); one user registered; the load
 # generator (scripts/loadgen.rs) runs GETs of /api/v1/tasks and, one request in $POST_EVERY,
 # POSTs of /api/v1/tasks each with a fresh Idempotency-Key, for 2 s + $CHAOS_SECONDS + 3 s; meanwhile
@@ -36,10 +36,10 @@ for tool in curl jq psql; do
   command -v "$tool" >/dev/null || { echo "chaos: needs $tool" >&2; exit 2; }
 done
 if [ -z "${TASKD_BIN:-}" ]; then
-  cargo build --release -q --bin taskd --example loadgen
+  cargo build --profile dist -q --bin taskd --example loadgen
 fi
-BIN=${TASKD_BIN:-target/release/taskd}
-LOADGEN=${LOADGEN_BIN:-target/release/examples/loadgen}
+BIN=${TASKD_BIN:-target/dist/taskd}
+LOADGEN=${LOADGEN_BIN:-target/dist/examples/loadgen}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
 export DATABASE_URL="$PG/$DB" TASKD_REDIS__KEY_PREFIX="chaos:$$:" TASKD_RATE_LIMIT__ENABLED=false

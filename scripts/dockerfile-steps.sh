@@ -9,7 +9,7 @@
 # the same toolchain: checked), its WORKDIR by a fresh directory under target/, every COPY from
 # the build context by a copy from the repository (each COPY source must be let in by
 # deploy/Dockerfile.dockerignore), every RUN by `/bin/sh -c` there — the same commands, so the
-# same `cargo build --release --locked` from an empty target directory.
+# same `cargo build --profile dist --locked` from an empty target directory.
 # Runtime stage: distroless cc is stood in for by a root file system holding what that image
 # holds and the binary needs (glibc and libgcc only, checked against `ldd`; CA certificates;
 # /etc/passwd with its "nonroot" user 65532), plus whatever the stage COPYs. The binary then runs

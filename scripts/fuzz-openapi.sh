@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 if [ "${FUZZ_PASSES:-all}" != edge ]; then
   command -v st >/dev/null || python3 -m pip install -q schemathesis
 fi
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
 # Rate limits off: with them on, most generated requests got 429 and the logic behind every

@@ -23,8 +23,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-[ -n "${TASKD_BIN:-}" ] || cargo build --release -q --bin taskd
-BIN=${TASKD_BIN:-target/release/taskd}
+[ -n "${TASKD_BIN:-}" ] || cargo build --profile dist -q --bin taskd
+BIN=${TASKD_BIN:-target/dist/taskd}
 truncate -s "$SIZE" "$TMP/big"
 BYTES=$(stat -c %s "$TMP/big")
 

@@ -16,8 +16,8 @@ BODY_TIMEOUT=${BODY_TIMEOUT:-5s}
 PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 OUT=${BENCH_OUT:-target/stalled-uploads}
 mkdir -p "$OUT"
-if [ -z "${TASKD_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${TASKD_BIN:-target/release/taskd}
+if [ -z "${TASKD_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${TASKD_BIN:-target/dist/taskd}
 
 psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS taskd_stall WITH (FORCE)"
 export DATABASE_URL="$PG/taskd_stall" TASKD_REDIS__KEY_PREFIX="stall:$$:"
