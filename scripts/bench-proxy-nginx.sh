@@ -31,6 +31,9 @@
 # as before, so what is measured is steady-state encryption, not handshakes. The base binary is
 # left out (it has no HTTPS).
 #
+# Handshakes: HANDSHAKES=1 (with TLS=1) sends every request with `Connection: close`, so each is
+# a new connection and a full TLS handshake (wrk resumes no sessions): the handshake rate.
+#
 # Ports (127.0.0.1 only): NGINX BASE_PORT, taskd BASE_PORT+1, its admin BASE_PORT+2, HTTPS
 # NGINX BASE_PORT+5 and taskd BASE_PORT+6, workers BASE_PORT+10.. . Every process started here
 # is stopped on exit; exits non-zero when anything fails to start or a load run fails.
@@ -48,6 +51,7 @@ PG=${BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 DB=${BENCH_DB:-taskd_bench_proxy}
 OUT=${BENCH_OUT:-target/bench-proxy-nginx}
 TLS=${TLS:-0}
+HANDSHAKES=${HANDSHAKES:-0}      # with TLS=1: a new connection (full handshake) per request
 
 NGINX_PORT=$BASE_PORT
 TASKD_PORT=$((BASE_PORT + 1))
@@ -287,6 +291,7 @@ to_ms() {
 load() {
   local proxy=$1 endpoint=$2 seconds=$3 file=$4 auth=()
   mapfile -t auth < <(auth_for "$endpoint")
+  [ "$HANDSHAKES" = 0 ] || auth+=(-H "Connection: close")
   wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s --latency "${auth[@]}" \
     "$SCHEME://127.0.0.1:$(port_of "$proxy")$endpoint" >"$file" 2>&1 || die "wrk failed: $(cat "$file")"
   if grep -qE 'Non-2xx|Socket errors' "$file"; then

@@ -232,6 +232,8 @@ async fn a_page_of_an_allowed_origin_reads_tasks_and_another_origin_is_refused()
     let browser = Browser::open(&chromium, &format!("{allowed_origin}/"));
     let seen = report(&mut reports).await;
     drop(browser);
+    // Shown with --nocapture: what the page on the allowed origin read.
+    eprintln!("{allowed_origin} (allowed) reported: {seen}");
     assert_eq!(seen["status"], 200, "{seen}");
     assert_eq!(seen["titles"], json!(titles), "{seen}");
     assert_eq!(seen["again"], 12, "{seen}");
@@ -268,6 +270,7 @@ async fn a_page_of_an_allowed_origin_reads_tasks_and_another_origin_is_refused()
     let browser = Browser::open(&chromium, &format!("{refused_origin}/"));
     let seen = report(&mut reports).await;
     drop(browser);
+    eprintln!("{refused_origin} (not allowed) reported: {seen}");
     assert_eq!(seen["opaque"], "opaque", "{seen}");
     assert_eq!(seen["refused"], "TypeError", "{seen}");
     assert_eq!(seen.get("read"), None, "{seen}");
