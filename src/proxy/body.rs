@@ -19,6 +19,10 @@ use super::{
     outgoing::{Progress, UpstreamBody, poll_full},
     upstream::InFlight,
 };
+use crate::compression::Compressor;
+
+/// Output waiting in the encoder past which it is sent without waiting for the upstream.
+const FLUSH_AT: usize = 16 * 1024;
 
 /// Where a finished upstream connection goes back to.
 pub struct PooledConn {
@@ -41,7 +45,7 @@ pub enum ClientBody {
     /// A response the proxy wrote itself.
     Local(Full<Bytes>),
     /// An upstream's body compressed on its way (`proxy.compression`).
-    Compressed(Box<super::compress::Compressing>),
+    Compressed(Box<Compressing>),
 }
 
 impl ClientBody {
@@ -122,5 +126,88 @@ impl Drop for ClientBody {
             let complete = body.is_end_stream();
             Self::finish(conn, in_flight, complete);
         }
+    }
+}
+
+/// A response body compressed as it streams ([`ClientBody::Compressed`]).
+pub struct Compressing {
+    inner: ClientBody,
+    compressor: Compressor,
+    /// Input pushed since the last flush.
+    unflushed: bool,
+    /// The end of the coding has been produced.
+    done: bool,
+}
+
+impl Compressing {
+    pub fn new(inner: ClientBody, compressor: Compressor) -> Self {
+        Self {
+            inner,
+            compressor,
+            unflushed: false,
+            done: false,
+        }
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            let out = match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers (rare from an HTTP/1.1 upstream) do not survive a new coding.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Err(error) = self.compressor.push(&data) {
+                        return self.fail(&error);
+                    }
+                    self.unflushed = true;
+                    if self.compressor.pending() < FLUSH_AT {
+                        continue;
+                    }
+                    Ok(self.compressor.take())
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => {
+                    self.done = true;
+                    self.compressor.finish()
+                }
+                Poll::Pending if self.unflushed => {
+                    self.unflushed = false;
+                    self.compressor.flush()
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            match out {
+                Ok(bytes) if bytes.is_empty() => {}
+                Ok(bytes) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Err(error) => return self.fail(&error),
+            }
+        }
+    }
+
+    /// An encoder failure (none is known to happen on any input): the body ends without the
+    /// coding's end marker, which the client's decoder reports as a truncated body.
+    fn fail(
+        &mut self,
+        error: &std::io::Error,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        tracing::warn!(%error, "compression failed; response cut short");
+        self.done = true;
+        Poll::Ready(None)
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
     }
 }

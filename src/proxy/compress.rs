@@ -15,27 +15,21 @@
 //! one is not cut into tiny flushed blocks. Memory per compressed response: the encoder's
 //! window (256 KiB at most) and at most one upstream piece plus 16 KiB of output.
 //!
-//! A request without `Accept-Encoding` costs two header lookups on the response.
-
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
+//! A request without `Accept-Encoding` costs the checks above, the size first (most small
+//! answers stop there), and `Vary` on a compressible answer. The compressing body itself is
+//! [`Compressing`], in `body.rs` with the [`ClientBody`] it wraps.
 
 use hyper::{
     HeaderMap, Method, Response, StatusCode,
-    body::{Body, Frame, SizeHint},
+    body::Body,
     header::{self, HeaderValue},
     http::request::Parts,
 };
 
-use super::body::ClientBody;
+use super::body::{ClientBody, Compressing};
 use crate::compression::{
     Compressor, Effort, Encoding, MIN_SIZE, add_vary, is_compressible, negotiate,
 };
-
-/// Output waiting in the encoder past which it is sent without waiting for the upstream.
-const FLUSH_AT: usize = 16 * 1024;
 
 /// What the request allows: `None` when it may not be compressed at all (`HEAD`, `Range`),
 /// else the coding it takes (`Some(None)`: identity, but the response still varies).
@@ -81,12 +75,10 @@ pub fn apply(plan: Plan, response: Response<ClientBody>) -> Response<ClientBody>
             parts.headers.insert(header::ETAG, weak);
         }
     }
-    let body = ClientBody::Compressed(Box::new(Compressing {
-        inner: body,
-        compressor: Compressor::new(encoding, Effort::Streaming, size),
-        unflushed: false,
-        done: false,
-    }));
+    let body = ClientBody::Compressed(Box::new(Compressing::new(
+        body,
+        Compressor::new(encoding, Effort::Streaming, size),
+    )));
     Response::from_parts(parts, body)
 }
 
@@ -124,78 +116,4 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// A response body compressed as it streams ([`ClientBody::Compressed`]).
-pub struct Compressing {
-    inner: ClientBody,
-    compressor: Compressor,
-    /// Input pushed since the last flush.
-    unflushed: bool,
-    /// The end of the coding has been produced.
-    done: bool,
-}
-
-impl Compressing {
-    pub fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
-            }
-            let polled = Pin::new(&mut self.inner).poll_frame(cx);
-            let out = match polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    // Trailers (rare from an HTTP/1.1 upstream) do not survive a new coding.
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    if let Err(error) = self.compressor.push(&data) {
-                        return self.fail(&error);
-                    }
-                    self.unflushed = true;
-                    if self.compressor.pending() < FLUSH_AT {
-                        continue;
-                    }
-                    Ok(self.compressor.take())
-                }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-                Poll::Ready(None) => {
-                    self.done = true;
-                    self.compressor.finish()
-                }
-                Poll::Pending if self.unflushed => {
-                    self.unflushed = false;
-                    self.compressor.flush()
-                }
-                Poll::Pending => return Poll::Pending,
-            };
-            match out {
-                Ok(bytes) if bytes.is_empty() => {}
-                Ok(bytes) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
-                Err(error) => return self.fail(&error),
-            }
-        }
-    }
-
-    /// An encoder failure (none is known to happen on any input): the body ends without the
-    /// coding's end marker, which the client's decoder reports as a truncated body.
-    fn fail(
-        &mut self,
-        error: &std::io::Error,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
-        tracing::warn!(%error, "compression failed; response cut short");
-        self.done = true;
-        Poll::Ready(None)
-    }
-
-    pub fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    pub fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
