@@ -399,15 +399,19 @@ impl Proxy {
 
     /// Removes an upstream at once; requests in flight on it still finish. False when unknown.
     pub fn remove_upstream(&self, url: &str) -> bool {
+        self.find_upstream(url)
+            .is_some_and(|upstream| self.remove_exact(&upstream))
+    }
+
+    /// The listed upstream with this URL, as given or as the configuration would normalise it.
+    fn find_upstream(&self, url: &str) -> Option<Arc<Upstream>> {
         let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
-        let found = self
-            .shared
+        self.shared
             .upstreams
             .load()
             .iter()
             .find(|u| *u.url == *url)
-            .cloned();
-        found.is_some_and(|upstream| self.remove_exact(&upstream))
+            .cloned()
     }
 
     /// Removes this very upstream (not another that has its URL); false when it is gone already.
@@ -435,15 +439,7 @@ impl Proxy {
     /// finished (response bodies included), for at most `proxy.shutdown_timeout`. False when
     /// unknown. The upstream stays listed as `draining` until it is removed.
     pub async fn drain_upstream(&self, url: &str) -> bool {
-        let url = parse_upstream_url(url).unwrap_or_else(|_| url.to_owned());
-        let found = self
-            .shared
-            .upstreams
-            .load()
-            .iter()
-            .find(|u| *u.url == *url)
-            .cloned();
-        match found {
+        match self.find_upstream(url) {
             Some(upstream) => {
                 self.drain_exact(&upstream).await;
                 true
