@@ -34,14 +34,7 @@ async fn admin_status_and_metrics_report_upstreams_retries_and_ejections() {
         assert_eq!(proxy.served_by(&client).await, "good");
     }
 
-    let status: Value = client
-        .get(format!("http://{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(client.get(format!("http://{admin}/status"))).await;
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"), "{status}");
     assert!(status["uptimeSeconds"].is_u64(), "{status}");
     assert_eq!(status["strategy"], "round_robin", "{status}");

@@ -76,14 +76,7 @@ async fn binary_proxies_reports_status_and_exits_zero_on_sigterm() {
     assert_eq!(echo["upstream"], "e2e");
     assert_eq!(seen(&echo, "x-forwarded-for"), ["127.0.0.1"]);
 
-    let status: Value = client
-        .get(format!("http://{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(client.get(format!("http://{admin}/status"))).await;
     assert_eq!(status["strategy"], "round_robin", "{status}");
     assert_eq!(status["upstreams"][0]["url"], up.url.as_str(), "{status}");
     assert_eq!(status["upstreams"][0]["state"], "healthy", "{status}");

@@ -87,15 +87,12 @@ async fn the_coding_follows_accept_encoding() {
         }
     }
     // The upstream still sees what the client accepts (the worker's cache keeps variants).
-    let echo: Value = client()
-        .get(proxy.url("/echo"))
-        .header("accept-encoding", "br")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = json_of(
+        client()
+            .get(proxy.url("/echo"))
+            .header("accept-encoding", "br"),
+    )
+    .await;
     assert_eq!(seen(&echo, "accept-encoding"), ["br"]);
 }
 

@@ -25,13 +25,7 @@ async fn untrusted_peer_headers_are_replaced_and_hop_by_hop_removed() {
     };
 
     // Sanity: sent straight to the upstream, every one of these headers arrives.
-    let direct: Value = spoofing(format!("{}/echo?page=2", up.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let direct = json_of(spoofing(format!("{}/echo?page=2", up.url))).await;
     for name in [
         "x-secret",
         "keep-alive",
@@ -42,13 +36,7 @@ async fn untrusted_peer_headers_are_replaced_and_hop_by_hop_removed() {
         assert!(!seen(&direct, name).is_empty(), "{name} not sent: {direct}");
     }
 
-    let echo: Value = spoofing(proxy.url("/echo?page=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = json_of(spoofing(proxy.url("/echo?page=2"))).await;
     assert_eq!(echo["target"], "/echo?page=2", "{echo}");
     assert_eq!(seen(&echo, "x-forwarded-for"), ["127.0.0.1"], "{echo}");
     assert_eq!(seen(&echo, "x-forwarded-proto"), ["http"], "{echo}");
@@ -81,15 +69,12 @@ async fn untrusted_peer_headers_are_replaced_and_hop_by_hop_removed() {
     // A second request gets a different id; one the client sent is kept.
     let again: Value = proxy.get(&client, "/echo").await.json().await.unwrap();
     assert_ne!(seen(&again, "x-request-id"), ids);
-    let kept: Value = client
-        .get(proxy.url("/echo"))
-        .header("x-request-id", "client-chosen-42")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let kept = json_of(
+        client
+            .get(proxy.url("/echo"))
+            .header("x-request-id", "client-chosen-42"),
+    )
+    .await;
     assert_eq!(seen(&kept, "x-request-id"), ["client-chosen-42"]);
 }
 
@@ -101,19 +86,16 @@ async fn trusted_peer_gets_its_address_appended() {
     let proxy = TestProxy::start(config).await;
     let client = client();
 
-    let echo: Value = client
-        .get(proxy.url("/echo"))
-        .header("host", "api.example.com")
-        .header("x-forwarded-for", "1.2.3.4")
-        .header("x-forwarded-for", "5.6.7.8")
-        .header("x-forwarded-proto", "https")
-        .header("x-forwarded-host", "public.example")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = json_of(
+        client
+            .get(proxy.url("/echo"))
+            .header("host", "api.example.com")
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("x-forwarded-for", "5.6.7.8")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "public.example"),
+    )
+    .await;
     assert_eq!(
         seen(&echo, "x-forwarded-for"),
         ["1.2.3.4, 5.6.7.8, 127.0.0.1"],

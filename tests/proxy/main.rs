@@ -394,6 +394,11 @@ fn set_query_headers(req: &Request<Incoming>, headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// Sends `request` and reads its answer as JSON (an echoing upstream's report, `/status`).
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// The values an echoing upstream saw for header `name`.
 fn seen(echo: &Value, name: &str) -> Vec<String> {
     echo["headers"][name]

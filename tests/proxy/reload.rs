@@ -94,14 +94,7 @@ async fn sighup_reloads_upstreams_and_token_under_load_without_a_failure() {
     let status_url = format!("http://{admin}/status");
     let deadline = Instant::now() + WAIT;
     loop {
-        let status: Value = client
-            .get(&status_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = json_of(client.get(&status_url)).await;
         let urls: Vec<&str> = status["upstreams"]
             .as_array()
             .unwrap()

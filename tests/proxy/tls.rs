@@ -159,15 +159,12 @@ async fn https_speaks_h2_and_http1_by_alpn_over_tls_12_and_13() {
     );
 
     // A client of the plain listener is still told `http`, whatever it claims.
-    let echo: Value = client()
-        .get(proxy.url("/echo"))
-        .header("x-forwarded-proto", "https")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = json_of(
+        client()
+            .get(proxy.url("/echo"))
+            .header("x-forwarded-proto", "https"),
+    )
+    .await;
     assert_eq!(seen(&echo, "x-forwarded-proto"), ["http"]);
 }
 
@@ -383,14 +380,7 @@ async fn redirect_http_sends_plain_requests_to_https() {
     assert_eq!(up.hits(), 0, "a plain request reached an upstream");
 
     // A client that follows it lands on HTTPS (the certificate names 127.0.0.1 too).
-    let echo: Value = https_client(&[&ca], true)
-        .get(proxy.url("/echo"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = json_of(https_client(&[&ca], true).get(proxy.url("/echo"))).await;
     assert_eq!(seen(&echo, "x-forwarded-proto"), ["https"]);
     assert_eq!(up.hits(), 1);
 }
